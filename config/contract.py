@@ -1,0 +1,353 @@
+"""The job contract producers and workers share: task and queue names, payload and
+status schemas, Redis key and S3 key layout. Defined once, imported by both sides.
+
+A message on the queue is one JSON object (``JobRequest``), never image bytes: the image
+is an ``s3://`` reference. Every field is validated strictly: a string where a number
+belongs, a NaN coordinate or an option the task does not know is an ``invalid_*`` error
+with a message that names the field, not a crash deep inside the worker.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from enum import Enum
+from typing import Annotated, Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from config.errors import (
+    InvalidPayload,
+    InvalidPrompt,
+    PayloadTooLarge,
+    PromptOutOfBounds,
+    UnknownOption,
+    UnknownTask,
+)
+
+# --- names -----------------------------------------------------------------------------
+
+TASK_SEGMENT = "segq.segment"
+TASK_PANOPTIC = "segq.panoptic"
+TASK_CUTOUT = "segq.cutout"
+TASK_OVERLAY = "segq.overlay"
+TASKS = (TASK_SEGMENT, TASK_PANOPTIC, TASK_CUTOUT, TASK_OVERLAY)
+SHORT_NAMES = {t.split(".", 1)[1]: t for t in TASKS}
+
+STATUS_KEY = "segq:job:{job_id}"
+IDEMPOTENCY_KEY = "segq:idem:{key}"
+CANCELLED_SET = "segq:cancelled"
+
+
+def task_name(name: str) -> str:
+    """``"segment"`` or ``"segq.segment"`` -> ``"segq.segment"``; anything else is an error."""
+    full = SHORT_NAMES.get(name, name)
+    if full not in TASKS:
+        raise UnknownTask(f"unknown task {name!r}; expected one of {', '.join(SHORT_NAMES)}")
+    return full
+
+
+def status_key(job_id: str) -> str:
+    return STATUS_KEY.format(job_id=job_id)
+
+
+def output_key(prefix: str, job_id: str, name: str) -> str:
+    """Where a job's output ``name`` lives: one folder per job id, so a retried job
+    overwrites its own outputs and nothing else."""
+    prefix = prefix if not prefix or prefix.endswith("/") else prefix + "/"
+    return f"{prefix}{job_id}/{name}"
+
+
+# --- S3 references ---------------------------------------------------------------------
+
+
+class S3Ref(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    bucket: str
+    key: str
+    version_id: Optional[str] = None
+
+    @classmethod
+    def parse(cls, uri: str, version_id: Optional[str] = None) -> "S3Ref":
+        if not isinstance(uri, str) or not uri.startswith("s3://"):
+            raise InvalidPayload(f"image must be an s3://bucket/key URI, got {uri!r}")
+        rest = uri[len("s3://") :]
+        bucket, _, key = rest.partition("/")
+        if not bucket or not key:
+            raise InvalidPayload(f"image URI {uri!r} needs both a bucket and a key")
+        if "?versionId=" in key:
+            key, _, version_id = key.partition("?versionId=")
+        return cls(bucket=bucket, key=key, version_id=version_id)
+
+    @property
+    def uri(self) -> str:
+        return f"s3://{self.bucket}/{self.key}"
+
+    def __str__(self) -> str:
+        return self.uri
+
+
+# --- prompts ---------------------------------------------------------------------------
+
+Coord = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+Point = tuple[Coord, Coord]
+
+
+class Prompt(BaseModel):
+    """A SAM prompt in the pixels of the displayed image (EXIF orientation applied).
+
+    JSON forms: ``null`` (centre), ``{"point": [x, y]}``, ``{"points": [[x, y], ...],
+    "labels": [1, 0, ...]}``, ``{"box": [x, y, w, h]}``, or a box plus points.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    point: Optional[Point] = None
+    points: Optional[list[Point]] = None
+    labels: Optional[list[Literal[0, 1]]] = None
+    box: Optional[tuple[Coord, Coord, Coord, Coord]] = None
+
+    @model_validator(mode="after")
+    def _check(self) -> "Prompt":
+        if self.point is not None and self.points is not None:
+            raise ValueError("give either 'point' or 'points', not both")
+        if self.labels is not None:
+            n = 1 if self.point is not None else len(self.points or [])
+            if len(self.labels) != n:
+                raise ValueError(f"'labels' has {len(self.labels)} entries for {n} points")
+        if self.points is not None and len(self.points) == 0 and self.box is None:
+            raise ValueError("'points' is empty; give at least one point or a box")
+        if self.box is not None and (self.box[2] <= 0 or self.box[3] <= 0):
+            raise ValueError(f"box width and height must be positive, got {list(self.box)}")
+        return self
+
+    @property
+    def all_points(self) -> list[tuple[float, float]]:
+        if self.point is not None:
+            return [tuple(self.point)]
+        return [tuple(p) for p in self.points or []]
+
+    @property
+    def all_labels(self) -> list[int]:
+        pts = self.all_points
+        return list(self.labels) if self.labels is not None else [1] * len(pts)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.all_points and self.box is None
+
+    def check_bounds(self, width: int, height: int, max_points: int = 64) -> None:
+        """Reject prompts that fall outside a ``width`` x ``height`` image."""
+        pts = self.all_points
+        if len(pts) > max_points:
+            raise InvalidPrompt(f"{len(pts)} points is over the limit of {max_points}")
+        for x, y in pts:
+            if not (0 <= x <= width and 0 <= y <= height):
+                raise PromptOutOfBounds(
+                    f"point ({x:g}, {y:g}) is outside the {width}x{height} image",
+                    width=width,
+                    height=height,
+                )
+        if self.box is not None:
+            x, y, w, h = self.box
+            if x < 0 or y < 0 or x + w > width or y + h > height:
+                raise PromptOutOfBounds(
+                    f"box [{x:g}, {y:g}, {w:g}, {h:g}] (x, y, width, height) goes outside "
+                    f"the {width}x{height} image",
+                    width=width,
+                    height=height,
+                )
+
+
+# --- options ---------------------------------------------------------------------------
+
+Score = Annotated[float, Field(strict=True, ge=0.0, le=1.0, allow_inf_nan=False)]
+MaskFormat = Literal["png", "rle"]
+
+
+class _Options(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    revision: Optional[str] = None
+
+
+class SegmentOptions(_Options):
+    multimask: bool = False
+    min_score: Optional[Score] = None
+    mask_formats: list[MaskFormat] = Field(default_factory=lambda: ["png", "rle"])
+    repo: Optional[str] = None
+    encoder_file: Optional[str] = None
+    decoder_file: Optional[str] = None
+
+
+class PanopticOptions(_Options):
+    min_score: Optional[Score] = None
+    threshold: Score = 0.5
+    mask_threshold: Score = 0.5
+    overlap_threshold: Score = 0.8
+    mask_formats: list[MaskFormat] = Field(default_factory=lambda: ["png", "rle"])
+    repo: Optional[str] = None
+    model_file: Optional[str] = None
+
+
+class CutoutOptions(SegmentOptions):
+    crop: bool = False
+
+
+class OverlayOptions(PanopticOptions):
+    alpha: Annotated[float, Field(strict=True, ge=0.0, le=1.0, allow_inf_nan=False)] = 0.5
+    outline: bool = False
+    format: Literal["png", "jpeg"] = "png"
+    masks: Optional[list[str]] = Field(
+        None, description="s3:// URIs of mask PNGs to draw instead of running a model."
+    )
+    # overlay of a SAM prompt's masks instead of panoptic segments
+    multimask: bool = False
+    encoder_file: Optional[str] = None
+    decoder_file: Optional[str] = None
+
+
+OPTIONS_BY_TASK: dict[str, type[_Options]] = {
+    TASK_SEGMENT: SegmentOptions,
+    TASK_PANOPTIC: PanopticOptions,
+    TASK_CUTOUT: CutoutOptions,
+    TASK_OVERLAY: OverlayOptions,
+}
+
+AnyOptions = Union[SegmentOptions, PanopticOptions, CutoutOptions, OverlayOptions]
+
+
+class JobRequest(BaseModel):
+    """One job as it travels on the queue (the single positional argument of a task)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    task: str
+    image: str
+    version_id: Optional[str] = None
+    prompt: Optional[Prompt] = None
+    options: dict[str, Any] = Field(default_factory=dict)
+    callback_url: Optional[str] = None
+    submitted_at: float = Field(default_factory=time.time)
+
+    @field_validator("task")
+    @classmethod
+    def _task(cls, v: str) -> str:
+        return task_name(v)
+
+    @property
+    def ref(self) -> S3Ref:
+        return S3Ref.parse(self.image, self.version_id)
+
+    def typed_options(self) -> AnyOptions:
+        return parse_options(self.task, self.options)
+
+
+def _describe(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors()[:5]:
+        loc = ".".join(str(p) for p in e["loc"]) or "payload"
+        parts.append(f"{loc}: {e['msg']}")
+    return "; ".join(parts)
+
+
+def parse_options(task: str, options: dict[str, Any] | None) -> AnyOptions:
+    model = OPTIONS_BY_TASK[task_name(task)]
+    try:
+        return model.model_validate(options or {})
+    except ValidationError as e:
+        extra = [".".join(map(str, x["loc"])) for x in e.errors() if x["type"] == "extra_forbidden"]
+        if extra:
+            known = ", ".join(sorted(model.model_fields))
+            raise UnknownOption(
+                f"unknown option(s) {', '.join(extra)} for {task}; known: {known}"
+            ) from None
+        raise InvalidPayload(f"bad options for {task}: {_describe(e)}") from None
+
+
+def parse_prompt(raw: Any) -> Optional[Prompt]:
+    if raw is None or isinstance(raw, Prompt):
+        return raw
+    try:
+        return Prompt.model_validate(raw)
+    except ValidationError as e:
+        raise InvalidPrompt(f"malformed prompt: {_describe(e)}") from None
+
+
+def parse_request(raw: Any, *, max_bytes: int = 64 << 10) -> JobRequest:
+    """Validate a message body (dict or JSON text) into a ``JobRequest``, or raise a
+    ``SegqError`` whose code says what is wrong."""
+    if isinstance(raw, (str, bytes)):
+        if len(raw) > max_bytes:
+            raise PayloadTooLarge(f"payload is {len(raw)} bytes, over the {max_bytes} limit")
+        try:
+            raw = json.loads(raw)
+        except ValueError as e:
+            raise InvalidPayload(f"payload is not JSON: {e}") from None
+    elif isinstance(raw, dict):
+        size = len(json.dumps(raw, default=str))
+        if size > max_bytes:
+            raise PayloadTooLarge(f"payload is {size} bytes, over the {max_bytes} limit")
+    if not isinstance(raw, dict):
+        raise InvalidPayload(f"payload must be a JSON object, got {type(raw).__name__}")
+    raw = dict(raw)
+    prompt = parse_prompt(raw.pop("prompt", None))
+    try:
+        req = JobRequest.model_validate({**raw, "prompt": prompt})
+    except ValidationError as e:
+        extra = [".".join(map(str, x["loc"])) for x in e.errors() if x["type"] == "extra_forbidden"]
+        if extra:
+            raise UnknownOption(f"unknown field(s) in payload: {', '.join(extra)}") from None
+        for x in e.errors():
+            if x["loc"] and x["loc"][0] == "task":
+                raise UnknownTask(str(x.get("ctx", {}).get("error", x["msg"]))) from None
+        raise InvalidPayload(f"bad payload: {_describe(e)}") from None
+    req.ref  # noqa: B018  validates the URI
+    req.typed_options()
+    return req
+
+
+# --- status ----------------------------------------------------------------------------
+
+
+class JobState(str, Enum):
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+
+    @property
+    def is_final(self) -> bool:
+        return self in (JobState.succeeded, JobState.failed, JobState.cancelled)
+
+
+class JobErrorInfo(BaseModel):
+    code: str
+    message: str
+    details: Optional[dict[str, Any]] = None
+
+
+class JobStatus(BaseModel):
+    """One job's record in Redis (JSON under ``segq:job:{id}``, with a TTL)."""
+
+    job_id: str
+    task: str
+    state: JobState
+    image: Optional[str] = None
+    created_at: float
+    updated_at: float
+    started_at: Optional[float] = None
+    finished_at: Optional[float] = None
+    attempts: int = 0
+    worker: Optional[str] = None
+    stage: Optional[str] = None
+    result: Optional[dict[str, Any]] = None
+    error: Optional[JobErrorInfo] = None
+    timings: dict[str, float] = Field(default_factory=dict)
+
+    @property
+    def is_final(self) -> bool:
+        return self.state.is_final
+

@@ -1,0 +1,193 @@
+"""One exception family for the whole service, each error with a stable code.
+
+The code is what travels in a job's status (``error.code``) and what a client raises
+again on its side, so producers can branch on ``err.code`` without parsing messages.
+``retryable`` says whether trying the same job again later can succeed (a transient
+storage fault) or never can (a corrupt image): workers retry the first kind with
+backoff and fail the second at once.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class SegqError(Exception):
+    """Base of every error segq raises on purpose."""
+
+    code: ClassVar[str] = "internal_error"
+    retryable: ClassVar[bool] = False
+
+    def __init__(self, message: str, **details: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.details:
+            out["details"] = self.details
+        return out
+
+    def __str__(self) -> str:
+        return f"[{self.code}] {self.message}"
+
+
+# --- input: the request itself is wrong; never retried -------------------------------
+
+
+class InvalidPayload(SegqError):
+    code = "invalid_payload"
+
+
+class PayloadTooLarge(InvalidPayload):
+    code = "payload_too_large"
+
+
+class UnknownOption(InvalidPayload):
+    code = "unknown_option"
+
+
+class UnknownTask(InvalidPayload):
+    code = "unknown_task"
+
+
+class InvalidPrompt(SegqError):
+    code = "invalid_prompt"
+
+
+class PromptOutOfBounds(InvalidPrompt):
+    code = "prompt_out_of_bounds"
+
+
+class InvalidImage(SegqError):
+    """The bytes are not an image we can decode (empty, truncated, not an image)."""
+
+    code = "invalid_image"
+
+
+class UnsupportedImage(InvalidImage):
+    """A real image in a form segq does not segment (animated, multi-page)."""
+
+    code = "unsupported_image"
+
+
+class ImageTooLarge(InvalidImage):
+    """Over the pixel or byte limit; also what a decompression bomb ends as."""
+
+    code = "image_too_large"
+
+
+class ImageTooSmall(InvalidImage):
+    code = "image_too_small"
+
+
+class InvalidMask(SegqError):
+    code = "invalid_mask"
+
+
+class InvalidURL(SegqError):
+    code = "invalid_url"
+
+
+# --- storage ---------------------------------------------------------------------------
+
+
+class StorageError(SegqError):
+    code = "storage_error"
+
+
+class ObjectNotFound(StorageError):
+    code = "object_not_found"
+
+
+class BucketNotFound(StorageError):
+    code = "bucket_not_found"
+
+
+class AccessDenied(StorageError):
+    code = "access_denied"
+
+
+class ForbiddenLocation(StorageError):
+    """The job names a bucket or key outside the prefixes this deployment allows."""
+
+    code = "forbidden_location"
+
+
+class StorageUnavailable(StorageError):
+    """Connection refused, timeouts, 5xx, throttling: worth another try."""
+
+    code = "storage_unavailable"
+    retryable = True
+
+
+# --- models ----------------------------------------------------------------------------
+
+
+class ModelError(SegqError):
+    code = "model_error"
+
+
+class ModelNotFound(ModelError):
+    code = "model_not_found"
+
+
+class ModelNotAllowed(ModelError):
+    code = "model_not_allowed"
+
+
+class ModelIncompatible(ModelError):
+    code = "model_incompatible"
+
+
+class ModelUnavailable(ModelError):
+    """The hub cannot be reached (or offline mode is on) and the files are not cached."""
+
+    code = "model_unavailable"
+
+
+# --- job lifecycle ---------------------------------------------------------------------
+
+
+class JobNotFound(SegqError):
+    code = "job_not_found"
+
+
+class JobFailed(SegqError):
+    """Raised by clients when a job they wait on ended ``failed``; carries the job's code."""
+
+    code = "job_failed"
+
+    def __init__(self, job_id: str, code: str, message: str, **details: Any) -> None:
+        super().__init__(message, **details)
+        self.job_id = job_id
+        self.job_code = code
+
+    def __str__(self) -> str:
+        return f"job {self.job_id} failed [{self.job_code}]: {self.message}"
+
+
+class JobCancelled(SegqError):
+    code = "cancelled"
+
+
+class JobTimeout(SegqError):
+    code = "timeout"
+
+
+class WorkerLost(SegqError):
+    code = "worker_lost"
+
+
+def _all_subclasses(cls: type) -> list[type]:
+    out = []
+    for sub in cls.__subclasses__():
+        out.append(sub)
+        out.extend(_all_subclasses(sub))
+    return out
+
+
+ERRORS_BY_CODE: dict[str, type[SegqError]] = {
+    c.code: c for c in [SegqError, *_all_subclasses(SegqError)] if c is not JobFailed
+}

@@ -1,0 +1,1 @@
+"""segq workers: Celery app and tasks around plain-Python segmentation pipelines."""
