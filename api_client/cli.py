@@ -1,0 +1,232 @@
+"""The ``segq`` command line.
+
+    segq dev                                   the whole stack locally, a sample through all four jobs
+    segq worker --queues segq.interactive --pool threads --concurrency 2
+    segq submit cutout s3://segq-input/photo.jpg --point 320,240 --wait
+    segq status JOB_ID | segq wait JOB_ID | segq cancel JOB_ID
+    segq download-models [--segment] [--panoptic]
+    segq health
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Any, Optional, Sequence
+
+from config.errors import SegqError
+
+
+def _pair(text: str, n: int, what: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{what} must be {n} comma-separated numbers, got {text!r}")
+    if len(values) != n:
+        raise argparse.ArgumentTypeError(f"{what} must be {n} comma-separated numbers, got {text!r}")
+    return values
+
+
+def _prompt(args: argparse.Namespace) -> Optional[dict[str, Any]]:
+    prompt: dict[str, Any] = {}
+    if args.point:
+        prompt["points"] = [_pair(p, 2, "--point") for p in args.point]
+        if args.label:
+            prompt["labels"] = [int(v) for v in args.label]
+    elif args.label:
+        raise SystemExit("segq: --label needs --point")
+    if args.box:
+        prompt["box"] = _pair(args.box, 4, "--box")
+    return prompt or None
+
+
+def _print_status(st: Any) -> None:
+    print(json.dumps(st.model_dump(mode="json", exclude_none=True), indent=2))
+
+
+def _progress(st: Any) -> None:
+    detail = f" ({st.stage})" if st.stage and st.state.value == "running" else ""
+    print(f"  {st.job_id}: {st.state.value}{detail}", file=sys.stderr, flush=True)
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from api_client.client import SegmentationClient
+
+    client = SegmentationClient()
+    options: dict[str, Any] = {}
+    if args.multimask:
+        options["multimask"] = True
+    if args.min_score is not None:
+        options["min_score"] = args.min_score
+    for item in args.option or []:
+        key, _, value = item.partition("=")
+        try:
+            options[key] = json.loads(value)
+        except ValueError:
+            options[key] = value
+    job = client.submit(
+        args.task,
+        args.image,
+        _prompt(args),
+        idempotency_key=args.idempotency_key,
+        callback_url=args.callback_url,
+        **options,
+    )
+    print(job.id)
+    if args.wait:
+        st = client.wait(job.id, args.timeout, on_update=_progress)
+        _print_status(st)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from api_client.client import SegmentationClient
+
+    _print_status(SegmentationClient().status(args.job_id))
+    return 0
+
+
+def cmd_wait(args: argparse.Namespace) -> int:
+    from api_client.client import SegmentationClient
+
+    client = SegmentationClient()
+    st = client.wait(args.job_id, args.timeout, on_update=_progress)
+    _print_status(st)
+    if args.urls:
+        for name, url in client.presigned_urls(args.job_id).items():
+            print(f"{name}: {url}")
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    from api_client.client import SegmentationClient
+
+    _print_status(SegmentationClient().cancel(args.job_id))
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from config.settings import get_settings
+
+    settings = get_settings()
+    from worker.app import app
+
+    queues = args.queues or f"{settings.queue_segment},{settings.queue_batch}"
+    argv = [
+        "worker",
+        f"--queues={queues}",
+        f"--pool={args.pool or settings.pool}",
+        f"--concurrency={args.concurrency or settings.concurrency}",
+        f"--loglevel={args.loglevel}",
+        "--task-events",
+    ]
+    if args.hostname:
+        argv.append(f"--hostname={args.hostname}")
+    app.worker_main(argv)
+    return 0
+
+
+def cmd_download_models(args: argparse.Namespace) -> int:
+    from config.settings import get_settings
+    from worker.inference.hub import download_models
+
+    both = not args.segment and not args.panoptic
+    files = download_models(
+        get_settings(), segment=both or args.segment, panoptic=both or args.panoptic, progress=True
+    )
+    for name, path in files.items():
+        print(f"{name}: {path}")
+    return 0
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    from api_client.health import check_health
+
+    return check_health(hostname=args.hostname, timeout=args.timeout)
+
+
+def cmd_dev(args: argparse.Namespace) -> int:
+    from api_client.dev import run_dev
+
+    return run_dev(image=args.image, keep_running=not args.once, workdir=args.workdir)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="segq", description="Image segmentation job queue.")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("dev", help="start Redis, S3, a worker and Flower locally and run a sample")
+    p.add_argument("--image", help="a local photo to use instead of the bundled sample")
+    p.add_argument("--once", action="store_true", help="stop everything after the sample jobs")
+    p.add_argument("--workdir", help="where the local services keep data (default: a temp dir)")
+    p.set_defaults(func=cmd_dev)
+
+    p = sub.add_parser("worker", help="run a Celery worker (models load before it takes work)")
+    p.add_argument("--queues", help="comma-separated queues (default: both segq queues)")
+    p.add_argument("--pool", choices=["threads", "prefork", "solo"])
+    p.add_argument("--concurrency", type=int)
+    p.add_argument("--hostname")
+    p.add_argument("--loglevel", default="INFO")
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("submit", help="submit a job")
+    p.add_argument("task", choices=["segment", "panoptic", "cutout", "overlay"])
+    p.add_argument("image", help="s3://bucket/key")
+    p.add_argument("--point", action="append", metavar="X,Y", help="a prompt point (repeatable)")
+    p.add_argument("--label", action="append", choices=["0", "1"], help="label per --point")
+    p.add_argument("--box", metavar="X,Y,W,H")
+    p.add_argument("--multimask", action="store_true")
+    p.add_argument("--min-score", type=float)
+    p.add_argument("--option", action="append", metavar="KEY=JSON", help="any other option")
+    p.add_argument("--idempotency-key")
+    p.add_argument("--callback-url")
+    p.add_argument("--wait", action="store_true")
+    p.add_argument("--timeout", type=float)
+    p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("status", help="print a job's status")
+    p.add_argument("job_id")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("wait", help="wait for a job, showing progress")
+    p.add_argument("job_id")
+    p.add_argument("--timeout", type=float)
+    p.add_argument("--urls", action="store_true", help="print presigned URLs of the outputs")
+    p.set_defaults(func=cmd_wait)
+
+    p = sub.add_parser("cancel", help="cancel a queued job")
+    p.add_argument("job_id")
+    p.set_defaults(func=cmd_cancel)
+
+    p = sub.add_parser("download-models", help="fill the model cache ahead of time")
+    p.add_argument("--segment", action="store_true", help="SAM 2 only")
+    p.add_argument("--panoptic", action="store_true", help="DETR only")
+    p.set_defaults(func=cmd_download_models)
+
+    p = sub.add_parser("health", help="exit 0 when a worker is ready (for container health checks)")
+    p.add_argument("--hostname", help="worker to ask (default: any worker on this host)")
+    p.add_argument("--timeout", type=float, default=5.0)
+    p.set_defaults(func=cmd_health)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return args.func(args)
+    except SegqError as err:
+        print(f"segq: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,272 @@
+"""``SegmentationClient``: submit jobs, follow their status, fetch their outputs.
+
+    from api_client import SegmentationClient
+
+    client = SegmentationClient()                       # settings from SEGQ_* env
+    job = client.cutout("s3://segq-input/photo.jpg", {"point": [320, 240]})
+    status = job.wait(timeout=60)                       # raises JobFailed with the job's code
+    png = job.output("cutout.png")                      # bytes; job.image("cutout.png") -> PIL
+    url = job.urls()["cutout.png"]                      # presigned GET URL
+
+Producers need Redis (status), the broker and S3 (outputs); never onnxruntime. Every
+request is validated here with the same contract the worker uses, so a malformed prompt
+fails at submit time rather than in a worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import time
+import uuid
+from functools import cached_property
+from typing import TYPE_CHECKING, Any, Callable, Optional
+
+from celery import Celery
+
+from config.celeryconfig import celery_config, task_queues
+from config.contract import JobState, JobStatus, parse_request, task_name
+from config.errors import JobCancelled, JobFailed, JobNotFound, JobTimeout
+from config.settings import Settings, get_settings
+from worker.status import StatusStore
+from worker.storage import Storage
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+PromptLike = Optional[dict[str, Any]]
+
+
+class Job:
+    """A handle on one submitted job."""
+
+    def __init__(self, client: "SegmentationClient", job_id: str, task: str, created: bool = True) -> None:
+        self.client = client
+        self.id = job_id
+        self.task = task
+        self.created = created
+
+    def status(self) -> JobStatus:
+        return self.client.status(self.id)
+
+    def wait(self, timeout: Optional[float] = None, **kwargs: Any) -> JobStatus:
+        return self.client.wait(self.id, timeout, **kwargs)
+
+    def cancel(self) -> JobStatus:
+        return self.client.cancel(self.id)
+
+    def output(self, name: str) -> bytes:
+        return self.client.output(self.id, name)
+
+    def image(self, name: str) -> "Image.Image":
+        return self.client.output_image(self.id, name)
+
+    def urls(self, ttl: Optional[int] = None) -> dict[str, str]:
+        return self.client.presigned_urls(self.id, ttl=ttl)
+
+    def __repr__(self) -> str:
+        return f"Job({self.id!r}, task={self.task!r})"
+
+
+class SegmentationClient:
+    """Producer side of segq. Thread-safe; create one per process and reuse it."""
+
+    def __init__(self, settings: Optional[Settings] = None, **overrides: Any) -> None:
+        base = settings or get_settings()
+        self.settings = base.model_copy(update=overrides) if overrides else base
+
+    @cached_property
+    def _celery(self) -> Celery:
+        return Celery("segq-client", config_source=celery_config(self.settings), set_as_current=False)
+
+    @cached_property
+    def _status(self) -> StatusStore:
+        return StatusStore(self.settings.redis_url, ttl_s=self.settings.status_ttl_s)
+
+    @cached_property
+    def storage(self) -> Storage:
+        return Storage(self.settings)
+
+    # --- submitting -----------------------------------------------------------------
+
+    def submit(
+        self,
+        task: str,
+        image: str,
+        prompt: PromptLike = None,
+        *,
+        version_id: Optional[str] = None,
+        idempotency_key: Optional[str] = None,
+        callback_url: Optional[str] = None,
+        job_id: Optional[str] = None,
+        **options: Any,
+    ) -> Job:
+        """Validate and enqueue one job. With ``idempotency_key``, the same key twice
+        (within the status TTL) returns the first job instead of making a second."""
+        name = task_name(task)
+        payload: dict[str, Any] = {"task": name, "image": image, "prompt": prompt, "options": options}
+        if version_id:
+            payload["version_id"] = version_id
+        if callback_url:
+            payload["callback_url"] = callback_url
+        request = parse_request(payload, max_bytes=self.settings.max_payload_bytes)
+        body = request.model_dump(mode="json", exclude_none=True)
+        job_id = job_id or uuid.uuid4().hex
+
+        if idempotency_key:
+            job_id, created = self._status.idempotent_create(idempotency_key, job_id, name, image)
+            if not created:
+                return Job(self, job_id, name, created=False)
+        else:
+            self._status.create(job_id, name, image)
+        try:
+            self._celery.send_task(
+                name, args=[body], task_id=job_id, queue=task_queues(self.settings)[name]
+            )
+        except Exception:
+            # Nothing was queued: leave no "queued" record that would never move.
+            self._status.discard(job_id, idempotency_key)
+            raise
+        return Job(self, job_id, name)
+
+    def segment(self, image: str, prompt: PromptLike = None, **kwargs: Any) -> Job:
+        return self.submit("segment", image, prompt, **kwargs)
+
+    def panoptic(self, image: str, **kwargs: Any) -> Job:
+        return self.submit("panoptic", image, None, **kwargs)
+
+    def cutout(self, image: str, prompt: PromptLike = None, **kwargs: Any) -> Job:
+        return self.submit("cutout", image, prompt, **kwargs)
+
+    def overlay(self, image: str, prompt: PromptLike = None, **kwargs: Any) -> Job:
+        return self.submit("overlay", image, prompt, **kwargs)
+
+    def upload(self, data: bytes, key: str, *, content_type: str = "application/octet-stream") -> str:
+        """Put an image into the input bucket and return its ``s3://`` URI."""
+        return self.storage.upload_input(key, data, content_type)
+
+    # --- following -----------------------------------------------------------------
+
+    def status(self, job_id: str) -> JobStatus:
+        """The job's current record; ``JobNotFound`` if no such job (or it expired)."""
+        found = self._status.get(job_id)
+        if found is None:
+            raise JobNotFound(f"no job {job_id!r} (never submitted, or its status expired)")
+        return found
+
+    def wait(
+        self,
+        job_id: str,
+        timeout: Optional[float] = None,
+        *,
+        poll: float = 0.1,
+        on_update: Optional[Callable[[JobStatus], None]] = None,
+    ) -> JobStatus:
+        """Block until the job is final. Returns the ``succeeded`` status; raises
+        ``JobFailed`` (with the job's error code), ``JobCancelled`` or ``JobTimeout``."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        last: tuple | None = None
+        delay = poll
+        while True:
+            st = self.status(job_id)
+            seen = (st.state, st.stage, st.attempts)
+            if on_update and seen != last:
+                on_update(st)
+            last = seen
+            if st.is_final:
+                return _final(st)
+            if deadline is not None and time.monotonic() >= deadline:
+                raise JobTimeout(f"job {job_id} still {st.state.value} after {timeout}s", state=st.state.value)
+            time.sleep(delay if deadline is None else max(0.0, min(delay, deadline - time.monotonic())))
+            delay = min(delay * 1.5, 1.0)
+
+    def cancel(self, job_id: str) -> JobStatus:
+        """Cancel a queued job: it ends ``cancelled`` and never runs."""
+        st = self._status.cancel(job_id)
+        self._celery.control.revoke(job_id)
+        return st
+
+    # --- outputs -------------------------------------------------------------------
+
+    def _output_key(self, job_id: str, name: str) -> str:
+        st = self.status(job_id)
+        outputs = (st.result or {}).get("outputs", {})
+        if name == "manifest.json" and st.result:
+            return st.result["manifest"]
+        if name not in outputs:
+            raise KeyError(f"job {job_id} has no output {name!r}; it has {sorted(outputs)}")
+        return outputs[name]
+
+    def output(self, job_id: str, name: str) -> bytes:
+        return self.storage.read_output(self._output_key(job_id, name))
+
+    def output_image(self, job_id: str, name: str) -> "Image.Image":
+        from PIL import Image
+
+        img = Image.open(io.BytesIO(self.output(job_id, name)))
+        img.load()
+        return img
+
+    def presigned_urls(self, job_id: str, *, ttl: Optional[int] = None) -> dict[str, str]:
+        st = self.status(job_id)
+        result = st.result or {}
+        keys = dict(result.get("outputs", {}))
+        if "manifest" in result:
+            keys["manifest.json"] = result["manifest"]
+        return {name: self.storage.presign(key, ttl=ttl) for name, key in keys.items()}
+
+
+def _final(st: JobStatus) -> JobStatus:
+    if st.state is JobState.succeeded:
+        return st
+    if st.state is JobState.cancelled:
+        raise JobCancelled(f"job {st.job_id} was cancelled")
+    err = st.error
+    raise JobFailed(st.job_id, err.code if err else "unknown", err.message if err else "failed")
+
+
+class AsyncSegmentationClient:
+    """The asyncio twin: the same methods, awaitable. Blocking I/O runs in threads; waiting
+    sleeps on the event loop, so thousands of waits cost no threads."""
+
+    def __init__(self, settings: Optional[Settings] = None, **overrides: Any) -> None:
+        self.sync = SegmentationClient(settings, **overrides)
+
+    async def submit(self, task: str, image: str, prompt: PromptLike = None, **kwargs: Any) -> Job:
+        return await asyncio.to_thread(self.sync.submit, task, image, prompt, **kwargs)
+
+    async def segment(self, image: str, prompt: PromptLike = None, **kwargs: Any) -> Job:
+        return await self.submit("segment", image, prompt, **kwargs)
+
+    async def panoptic(self, image: str, **kwargs: Any) -> Job:
+        return await self.submit("panoptic", image, None, **kwargs)
+
+    async def cutout(self, image: str, prompt: PromptLike = None, **kwargs: Any) -> Job:
+        return await self.submit("cutout", image, prompt, **kwargs)
+
+    async def overlay(self, image: str, prompt: PromptLike = None, **kwargs: Any) -> Job:
+        return await self.submit("overlay", image, prompt, **kwargs)
+
+    async def status(self, job_id: str) -> JobStatus:
+        return await asyncio.to_thread(self.sync.status, job_id)
+
+    async def wait(self, job_id: str, timeout: Optional[float] = None, *, poll: float = 0.1) -> JobStatus:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = poll
+        while True:
+            st = await self.status(job_id)
+            if st.is_final:
+                return _final(st)
+            if deadline is not None and time.monotonic() >= deadline:
+                raise JobTimeout(f"job {job_id} still {st.state.value} after {timeout}s")
+            await asyncio.sleep(delay)
+            delay = min(delay * 1.5, 1.0)
+
+    async def cancel(self, job_id: str) -> JobStatus:
+        return await asyncio.to_thread(self.sync.cancel, job_id)
+
+    async def output(self, job_id: str, name: str) -> bytes:
+        return await asyncio.to_thread(self.sync.output, job_id, name)
+
+    async def presigned_urls(self, job_id: str, *, ttl: Optional[int] = None) -> dict[str, str]:
+        return await asyncio.to_thread(self.sync.presigned_urls, job_id, ttl=ttl)

@@ -1,0 +1,195 @@
+"""One job's life on a worker: status running, read the image, run the pipeline, write
+outputs and manifest, status final. Plain Python: the Celery tasks are shells around
+``execute``; tests call ``run_job`` without Celery.
+
+Ordering guarantees: every output object is written (each a single PUT, so never half
+visible) before the manifest, and the manifest before the status says ``succeeded``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+from config.contract import (
+    TASK_CUTOUT,
+    TASK_OVERLAY,
+    TASK_PANOPTIC,
+    TASK_SEGMENT,
+    JobRequest,
+    JobStatus,
+    output_key,
+    parse_request,
+)
+from config.errors import SegqError, WorkerLost
+from worker.imaging.masks import mask_from_png
+from worker.pipelines import JobOutput
+from worker.runtime import Runtime
+
+log = logging.getLogger("segq.worker")
+
+
+class RetryLater(Exception):
+    """A transient fault: the caller should deliver the job again after ``countdown``."""
+
+    def __init__(self, error: SegqError, countdown: float) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.countdown = countdown
+
+
+@dataclass
+class Delivery:
+    """What the queue knows about this delivery of a job."""
+
+    job_id: str
+    worker: str = "in-process"
+    retries: int = 0
+
+
+def backoff(retries: int, base: float, cap: float) -> float:
+    """Exponential backoff with full jitter (AWS architecture blog's recommendation):
+    spreads retries of many jobs hit by the same outage."""
+    return random.uniform(0, min(cap, base * (2**retries)))
+
+
+def execute(runtime: Runtime, payload: Any, delivery: Delivery) -> Optional[dict[str, Any]]:
+    """Run one delivery of a job and record its outcome. Never raises for a job's own
+    faults (a bad job must not take the worker down); raises ``RetryLater`` for
+    transient ones while retries remain."""
+    settings = runtime.settings
+    status = runtime.status
+    job_id = delivery.job_id
+    try:
+        request = parse_request(payload, max_bytes=settings.max_payload_bytes)
+    except SegqError as err:
+        _ensure_record(runtime, job_id, payload)
+        status.fail(job_id, err.code, err.message)
+        log.warning("job %s rejected: %s", job_id, err)
+        return None
+
+    _ensure_record(runtime, job_id, payload)
+    record = status.start(job_id, delivery.worker)
+    if record is None:
+        log.info("job %s skipped: cancelled or already final", job_id)
+        return None
+    deliveries = record.attempts - delivery.retries
+    if deliveries > settings.max_deliveries:
+        err = WorkerLost(
+            f"the job was delivered {deliveries} times and its worker died each time; "
+            f"giving up after {settings.max_deliveries} deliveries"
+        )
+        status.fail(job_id, err.code, err.message)
+        log.error("job %s: %s", job_id, err)
+        return None
+
+    try:
+        result, timings = run_job(runtime, request, job_id, on_stage=lambda s: status.stage(job_id, s))
+    except SegqError as err:
+        if err.retryable and delivery.retries < settings.max_retries:
+            countdown = backoff(delivery.retries, settings.retry_backoff_s, settings.retry_backoff_max_s)
+            status.requeue(job_id, f"{err.code}: {err.message}")
+            log.warning("job %s: %s; retry %d in %.1fs", job_id, err, delivery.retries + 1, countdown)
+            raise RetryLater(err, countdown) from err
+        status.fail(job_id, err.code, err.message, err.details or None)
+        log.info("job %s failed: %s", job_id, err)
+        return None
+    except Exception as exc:  # noqa: BLE001  the worker must survive any single job
+        log.exception("job %s crashed", job_id)
+        status.fail(job_id, "internal_error", f"{type(exc).__name__}: {exc}")
+        return None
+
+    status.succeed(job_id, result, timings)
+    return result
+
+
+def run_job(
+    runtime: Runtime,
+    request: JobRequest,
+    job_id: str,
+    *,
+    on_stage: Callable[[str], None] = lambda stage: None,
+) -> tuple[dict[str, Any], dict[str, float]]:
+    """Read, run, write. Returns the status result and stage timings (seconds)."""
+    settings = runtime.settings
+    storage = runtime.storage
+    ref = request.ref
+    timings: dict[str, float] = {}
+
+    on_stage("download")
+    t0 = time.perf_counter()
+    storage.check_readable(ref)
+    obj = storage.read(ref, max_bytes=settings.max_image_bytes)
+    timings["download"] = time.perf_counter() - t0
+
+    on_stage("inference")
+    output = _run_pipeline(runtime, request, image_id=f"{ref.uri}#{obj.version_id or obj.etag}", data=obj.data)
+    timings.update(output.timings)
+
+    on_stage("upload")
+    t0 = time.perf_counter()
+    outputs = {}
+    for name, (data, content_type) in output.files.items():
+        key = output_key(settings.output_prefix, job_id, name)
+        storage.write(key, data, content_type)
+        outputs[name] = key
+    timings["upload"] = time.perf_counter() - t0
+    manifest_key = output_key(settings.output_prefix, job_id, "manifest.json")
+    result = {
+        **output.result,
+        "bucket": settings.output_bucket,
+        "outputs": outputs,
+        "manifest": manifest_key,
+    }
+    manifest = {
+        "job_id": job_id,
+        "task": request.task,
+        "image": ref.uri,
+        "image_version": obj.version_id or obj.etag,
+        "prompt": request.prompt.model_dump(exclude_none=True) if request.prompt else None,
+        "options": request.options,
+        "result": result,
+        "timings": timings,
+        "created_at": time.time(),
+    }
+    storage.write(manifest_key, json.dumps(manifest).encode(), "application/json")
+    return result, timings
+
+
+def _run_pipeline(runtime: Runtime, request: JobRequest, *, image_id: str, data: bytes) -> JobOutput:
+    pipes = runtime.pipelines
+    options = request.typed_options()
+    if request.task == TASK_SEGMENT:
+        return pipes.segment(data, request.prompt, options=options, image_id=image_id)
+    if request.task == TASK_CUTOUT:
+        return pipes.cutout(data, request.prompt, options=options, image_id=image_id)
+    if request.task == TASK_PANOPTIC:
+        return pipes.panoptic(data, options=options)
+    if request.task == TASK_OVERLAY:
+        masks = None
+        if options.masks:
+            masks = [_read_mask(runtime, uri) for uri in options.masks]
+        return pipes.overlay(data, request.prompt, options=options, masks=masks, image_id=image_id)
+    raise AssertionError(request.task)  # parse_request already refused other names
+
+
+def _read_mask(runtime: Runtime, uri: str):
+    from config.contract import S3Ref
+
+    ref = S3Ref.parse(uri)
+    runtime.storage.check_readable(ref)
+    return mask_from_png(runtime.storage.read(ref, max_bytes=runtime.settings.max_image_bytes).data)
+
+
+def _ensure_record(runtime: Runtime, job_id: str, payload: Any) -> JobStatus:
+    """Jobs sent without the client (raw ``send_task``, event adapters) still get a record."""
+    existing = runtime.status.get(job_id)
+    if existing is not None:
+        return existing
+    task = payload.get("task", "unknown") if isinstance(payload, dict) else "unknown"
+    image = payload.get("image") if isinstance(payload, dict) else None
+    return runtime.status.create(job_id, str(task), image if isinstance(image, str) else None)

@@ -1,0 +1,340 @@
+"""The four job types as plain Python: image bytes plus a prompt in, files and a result out.
+
+No Celery, no S3, no Redis here: the tasks are thin shells around ``Pipelines``, and tests
+and benchmarks call it directly::
+
+    from config import Settings
+    from worker.pipelines import Pipelines
+
+    pipes = Pipelines(Settings())
+    out = pipes.segment(open("photo.jpg", "rb").read(), {"point": [320, 240]}, multimask=True)
+    out.result["masks"][0]["score"], out.files["mask_0.png"]
+
+Each call returns a ``JobOutput``: the files to store (name -> bytes and content type),
+the JSON result that goes into the job status and manifest, and per-stage timings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Optional, Union
+
+import numpy as np
+
+from config.contract import (
+    CutoutOptions,
+    OverlayOptions,
+    PanopticOptions,
+    Prompt,
+    SegmentOptions,
+    parse_prompt,
+)
+from config.errors import InvalidPayload
+from config.settings import Settings
+from worker.imaging import compose, encode, masks as maskio
+from worker.imaging.decode import DecodedImage, load_image
+from worker.inference import load_detr, load_sam2
+from worker.inference.cache import EmbeddingCache
+
+ImageInput = Union[bytes, DecodedImage]
+PromptInput = Union[Prompt, dict, None]
+
+
+@dataclass
+class JobOutput:
+    files: dict[str, tuple[bytes, str]] = field(default_factory=dict)
+    result: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class Timer:
+    """Collects wall time per named stage (seconds), summing repeated stages."""
+
+    def __init__(self, into: dict[str, float]) -> None:
+        self.timings = into
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t0
+
+
+PNG = "image/png"
+JSON = "application/json"
+
+
+def _mask_entry(mask: np.ndarray, **extra: Any) -> dict[str, Any]:
+    return {"area": maskio.area(mask), "bbox": maskio.bbox(mask), **extra}
+
+
+class Pipelines:
+    """Models, the embedding cache and the four job types for one process.
+
+    Thread-safe: sessions are shared (onnxruntime's ``run`` is thread-safe) and the
+    cache locks itself.
+    """
+
+    def __init__(self, settings: Settings, *, cache: Optional[EmbeddingCache] = None) -> None:
+        self.settings = settings
+        self.cache = cache if cache is not None else EmbeddingCache(settings.embedding_cache_bytes)
+        self._lock = threading.Lock()
+
+    # --- models ---------------------------------------------------------------------
+
+    def sam2(self, options: Optional[SegmentOptions | OverlayOptions] = None):
+        o = options
+        return load_sam2(
+            self.settings,
+            repo=getattr(o, "repo", None),
+            encoder_file=getattr(o, "encoder_file", None),
+            decoder_file=getattr(o, "decoder_file", None),
+            revision=getattr(o, "revision", None),
+        )
+
+    def detr(self, options: Optional[PanopticOptions] = None):
+        o = options
+        return load_detr(
+            self.settings,
+            repo=getattr(o, "repo", None),
+            model_file=getattr(o, "model_file", None),
+            revision=getattr(o, "revision", None),
+        )
+
+    def warm_up(self, models: list[str]) -> dict[str, str]:
+        """Load the named models ("sam2", "detr") and run each once on a small image,
+        so the first job pays no session-creation or arena-growth cost. Returns the
+        execution provider each model runs on."""
+        from PIL import Image
+
+        probe = Image.new("RGB", (64, 48), (90, 120, 150))
+        image = DecodedImage.from_pil(probe)
+        providers: dict[str, str] = {}
+        if "sam2" in models:
+            model = self.sam2()
+            model.predict(model.encode(image.rgb), None, multimask=False, min_score=None)
+            providers["sam2"] = model.provider
+        if "detr" in models:
+            model = self.detr()
+            model.predict(image.rgb)
+            providers["detr"] = model.provider
+        return providers
+
+    # --- shared steps ------------------------------------------------------------------
+
+    def decode(self, data: ImageInput, timer: Timer) -> DecodedImage:
+        if isinstance(data, DecodedImage):
+            return data
+        with timer.stage("decode"):
+            return load_image(
+                data,
+                max_pixels=self.settings.max_image_pixels,
+                max_bytes=self.settings.max_image_bytes,
+                min_side=self.settings.min_image_side,
+            )
+
+    def sam2_masks(
+        self,
+        image: DecodedImage,
+        prompt: PromptInput,
+        options: SegmentOptions | OverlayOptions,
+        timer: Timer,
+        *,
+        image_id: Optional[str] = None,
+    ) -> list:
+        prompt = parse_prompt(prompt)
+        if prompt is not None:
+            prompt.check_bounds(image.width, image.height, self.settings.max_points)
+        model = self.sam2(options)
+        key = f"{model.identity}|{image_id or _digest(image)}"
+        with timer.stage("encode_image"):
+            embedding, hit = self.cache.get_or_compute(key, lambda: model.encode(image.rgb))
+        timer.timings["cache_hit"] = 1.0 if hit else 0.0
+        with timer.stage("decode_prompt"):
+            return model.predict(
+                embedding,
+                prompt,
+                multimask=options.multimask,
+                min_score=getattr(options, "min_score", None),
+            )
+
+    # --- job types --------------------------------------------------------------------
+
+    def segment(
+        self,
+        data: ImageInput,
+        prompt: PromptInput = None,
+        *,
+        options: Optional[SegmentOptions] = None,
+        image_id: Optional[str] = None,
+        **kwargs: Any,
+    ) -> JobOutput:
+        options = _options(SegmentOptions, options, kwargs)
+        out = JobOutput()
+        timer = Timer(out.timings)
+        image = self.decode(data, timer)
+        found = self.sam2_masks(image, prompt, options, timer, image_id=image_id)
+        entries = []
+        with timer.stage("encode_output"):
+            for i, m in enumerate(found):
+                name = f"mask_{i}"
+                entry = _mask_entry(m.mask, score=float(m.score))
+                if "png" in options.mask_formats:
+                    out.files[f"{name}.png"] = (maskio.mask_to_png(m.mask), PNG)
+                    entry["png"] = f"{name}.png"
+                if "rle" in options.mask_formats:
+                    entry["rle"] = maskio.rle_encode(m.mask)
+                entries.append(entry)
+        out.result = {"width": image.width, "height": image.height, "masks": entries}
+        return out
+
+    def panoptic(
+        self,
+        data: ImageInput,
+        *,
+        options: Optional[PanopticOptions] = None,
+        **kwargs: Any,
+    ) -> JobOutput:
+        options = _options(PanopticOptions, options, kwargs)
+        out = JobOutput()
+        timer = Timer(out.timings)
+        image = self.decode(data, timer)
+        panoptic = self._panoptic(image, options, timer)
+        with timer.stage("encode_output"):
+            segments = []
+            for seg in panoptic.segments:
+                entry = {
+                    "id": seg.id,
+                    "label": seg.label,
+                    "label_id": seg.label_id,
+                    "isthing": seg.isthing,
+                    "score": float(seg.score),
+                    "area": int(seg.area),
+                    "bbox": seg.bbox,
+                }
+                if "rle" in options.mask_formats:
+                    entry["rle"] = maskio.rle_encode(panoptic.segmentation == seg.id)
+                segments.append(entry)
+            if "png" in options.mask_formats:
+                out.files["segments.png"] = (maskio.label_map_to_png(panoptic.segmentation), PNG)
+        out.result = {"width": image.width, "height": image.height, "segments": segments}
+        if "png" in options.mask_formats:
+            out.result["segmentation"] = "segments.png"
+        return out
+
+    def _panoptic(self, image: DecodedImage, options: PanopticOptions, timer: Timer):
+        model = self.detr(options)
+        with timer.stage("model"):
+            return model.predict(
+                image.rgb,
+                threshold=options.threshold,
+                mask_threshold=options.mask_threshold,
+                overlap_threshold=options.overlap_threshold,
+                min_score=options.min_score,
+            )
+
+    def cutout(
+        self,
+        data: ImageInput,
+        prompt: PromptInput = None,
+        *,
+        options: Optional[CutoutOptions] = None,
+        image_id: Optional[str] = None,
+        **kwargs: Any,
+    ) -> JobOutput:
+        options = _options(CutoutOptions, options, kwargs)
+        if options.multimask:
+            raise InvalidPayload("cutout uses one mask; multimask is not available for it")
+        out = JobOutput()
+        timer = Timer(out.timings)
+        image = self.decode(data, timer)
+        best = self.sam2_masks(image, prompt, options, timer, image_id=image_id)
+        if not best:
+            out.result = {"width": image.width, "height": image.height, "cutout": None,
+                          "reason": "no mask scored above min_score"}
+            return out
+        mask = best[0]
+        with timer.stage("compose"):
+            rgba = compose.cutout(image, mask.mask, crop=options.crop)
+        with timer.stage("encode_output"):
+            out.files["cutout.png"] = (encode.encode_png(rgba), PNG)
+            out.files["mask.png"] = (maskio.mask_to_png(mask.mask), PNG)
+        out.result = {
+            "width": image.width,
+            "height": image.height,
+            "cutout": "cutout.png",
+            "cutout_size": list(rgba.size),
+            "mask": _mask_entry(mask.mask, score=float(mask.score), png="mask.png"),
+        }
+        return out
+
+    def overlay(
+        self,
+        data: ImageInput,
+        prompt: PromptInput = None,
+        *,
+        options: Optional[OverlayOptions] = None,
+        masks: Optional[list[np.ndarray]] = None,
+        image_id: Optional[str] = None,
+        **kwargs: Any,
+    ) -> JobOutput:
+        """Colour-coded segments over the image: panoptic segments by default, the SAM
+        masks of ``prompt`` when one is given, or caller-supplied ``masks``."""
+        options = _options(OverlayOptions, options, kwargs)
+        out = JobOutput()
+        timer = Timer(out.timings)
+        image = self.decode(data, timer)
+        legend: list[dict[str, Any]] = []
+        if masks is not None:
+            layers = list(masks)
+            legend = [_mask_entry(m, index=i) for i, m in enumerate(layers)]
+        elif prompt is not None:
+            found = self.sam2_masks(image, prompt, options, timer, image_id=image_id)
+            layers = [m.mask for m in found]
+            legend = [_mask_entry(m.mask, index=i, score=float(m.score)) for i, m in enumerate(found)]
+        else:
+            panoptic = self._panoptic(image, options, timer)
+            layers = [panoptic.segmentation == s.id for s in panoptic.segments]
+            legend = [
+                {"index": i, "label": s.label, "score": float(s.score), "area": int(s.area),
+                 "bbox": s.bbox}
+                for i, s in enumerate(panoptic.segments)
+            ]
+        with timer.stage("compose"):
+            picture = compose.overlay(image, layers, alpha=options.alpha, outline=options.outline)
+        with timer.stage("encode_output"):
+            if options.format == "jpeg":
+                out.files["overlay.jpg"] = (encode.encode_jpeg(picture), "image/jpeg")
+                name = "overlay.jpg"
+            else:
+                out.files["overlay.png"] = (encode.encode_png(picture), PNG)
+                name = "overlay.png"
+        for entry in legend:
+            entry["color"] = list(compose.palette_color(entry["index"]))
+        out.result = {"width": image.width, "height": image.height, "overlay": name,
+                      "segments": legend}
+        return out
+
+
+def _options(model: type, options: Any, kwargs: dict[str, Any]):
+    if options is not None and kwargs:
+        raise TypeError("pass either options= or keyword options, not both")
+    if options is None:
+        from config.contract import parse_options  # local: avoids a cycle in type hints
+
+        task = {SegmentOptions: "segment", PanopticOptions: "panoptic",
+                CutoutOptions: "cutout", OverlayOptions: "overlay"}[model]
+        return parse_options(task, kwargs)
+    return options
+
+
+def _digest(image: DecodedImage) -> str:
+    """Content identity when the caller gives none (no S3 ETag): a hash of the pixels
+    the encoder sees, so the same picture re-uploaded still hits the cache."""
+    return "sha1:" + hashlib.sha1(image.rgb.tobytes()).hexdigest()

@@ -1,0 +1,62 @@
+"""What one worker process holds: settings, loaded models, S3 and Redis clients.
+
+Built once per process before the worker takes work (see ``worker.app``), then shared
+by every task thread. Tests and benchmarks build their own ``Runtime`` directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Optional
+
+from config.settings import Settings, get_settings
+from worker.pipelines import Pipelines
+from worker.status import StatusStore
+from worker.storage import Storage
+
+log = logging.getLogger("segq.worker")
+
+
+class Runtime:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.pipelines = Pipelines(settings)
+        self.storage = Storage(settings)
+        self.status = StatusStore(settings.redis_url, ttl_s=settings.status_ttl_s)
+        self.providers: dict[str, str] = {}
+        self.load_seconds: float = 0.0
+        self.ready = False
+
+    def load_models(self) -> None:
+        """Create the sessions and run one warm inference per model, so the first job
+        is as fast as the rest and a broken model fails the worker at start, not a job."""
+        t0 = time.perf_counter()
+        self.providers = self.pipelines.warm_up(self.settings.load_models)
+        self.load_seconds = time.perf_counter() - t0
+        self.ready = True
+        log.info(
+            "models ready in %.1fs: %s",
+            self.load_seconds,
+            ", ".join(f"{m} on {p}" for m, p in self.providers.items()) or "none",
+        )
+
+
+_runtime: Optional[Runtime] = None
+_lock = threading.Lock()
+
+
+def get_runtime() -> Runtime:
+    """The process-wide runtime, created on first use from the environment's settings."""
+    global _runtime
+    with _lock:
+        if _runtime is None:
+            _runtime = Runtime(get_settings())
+        return _runtime
+
+
+def set_runtime(runtime: Optional[Runtime]) -> None:
+    global _runtime
+    with _lock:
+        _runtime = runtime
