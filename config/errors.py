@@ -122,6 +122,12 @@ class StorageUnavailable(StorageError):
     retryable = True
 
 
+class LocalServiceError(SegqError):
+    """A local Redis or S3 server for `segq dev` or the tests would not start."""
+
+    code = "local_service_failed"
+
+
 # --- models ----------------------------------------------------------------------------
 
 
@@ -170,6 +176,12 @@ class JobFailed(SegqError):
 
 class JobCancelled(SegqError):
     code = "cancelled"
+
+
+class InvalidTransition(SegqError):
+    """A status change the job's state does not allow, e.g. cancelling a running job."""
+
+    code = "invalid_transition"
 
 
 class JobTimeout(SegqError):
