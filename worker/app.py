@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 
 from celery import Celery, signals
+from celery.worker.control import control_command
 
 from config.celeryconfig import celery_config
 from config.settings import get_settings
@@ -44,3 +45,12 @@ def _load_in_child(**_: object) -> None:
     from worker.runtime import get_runtime
 
     get_runtime().load_models()
+
+
+@control_command()
+def segq_health(state: object, **_: object) -> dict:
+    """Answer ``segq health``: ready only once models are loaded and a fresh inference
+    on them succeeds."""
+    from worker.runtime import get_runtime
+
+    return get_runtime().health()

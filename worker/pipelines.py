@@ -114,17 +114,21 @@ class Pipelines:
         from PIL import Image
 
         probe = Image.new("RGB", (64, 48), (90, 120, 150))
-        image = DecodedImage.from_pil(probe)
         providers: dict[str, str] = {}
         if "sam2" in models:
             model = self.sam2()
-            model.predict(model.encode(image.rgb), None, multimask=False, min_score=None)
+            self._probe_embedding = model.encode(probe)
+            self.probe_decoder()
             providers["sam2"] = model.provider
         if "detr" in models:
             model = self.detr()
-            model.predict(image.rgb)
+            model.predict(probe)
             providers["detr"] = model.provider
         return providers
+
+    def probe_decoder(self) -> None:
+        """One SAM 2 decoder run on the warm-up embedding: proves the session still works."""
+        self.sam2().predict(self._probe_embedding, None, multimask=False, min_score=None)
 
     # --- shared steps ------------------------------------------------------------------
 

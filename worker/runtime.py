@@ -43,6 +43,29 @@ class Runtime:
         )
 
 
+    def health(self) -> dict:
+        """Readiness for ``segq health``: models loaded and a small inference that
+        works now (SAM 2's decoder on a probe embedding; cheap on any device)."""
+        report: dict = {
+            "ready": False,
+            "models": list(self.providers),
+            "providers": self.providers,
+            "load_seconds": round(self.load_seconds, 3),
+        }
+        if not self.ready:
+            report["reason"] = "models are still loading"
+            return report
+        try:
+            t0 = time.perf_counter()
+            if "sam2" in self.providers:
+                self.pipelines.probe_decoder()
+            report["probe_ms"] = round((time.perf_counter() - t0) * 1000, 1)
+            report["ready"] = True
+        except Exception as exc:  # noqa: BLE001  any failure means not ready
+            report["reason"] = f"probe inference failed: {type(exc).__name__}: {exc}"
+        return report
+
+
 _runtime: Optional[Runtime] = None
 _lock = threading.Lock()
 

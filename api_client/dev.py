@@ -1,0 +1,187 @@
+"""``segq dev``: the whole stack on this machine in one command.
+
+Starts Redis and an S3 server (``weed mini``) on free loopback ports, a worker and Flower
+(with basic auth), uploads a sample photo, runs all four job types on it, prints each
+status and presigned URLs of the outputs, saves the outputs under ``segq-dev-output/``,
+and stops everything it started on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import ExitStack
+from importlib import resources
+from pathlib import Path
+from typing import Optional
+
+from config.errors import ModelError, SegqError
+from config.settings import Settings, get_settings
+
+OUTPUT_DIR = Path("segq-dev-output")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _say(text: str) -> None:
+    print(text, flush=True)
+
+
+def sample_image() -> bytes:
+    return resources.files("api_client").joinpath("assets/sample.jpg").read_bytes()
+
+
+def _check_models(settings: Settings) -> Optional[str]:
+    """Fetch (or find cached) model files before starting anything, so an offline
+    machine gets one clear line instead of a worker stack trace."""
+    from worker.inference.hub import download_models
+
+    try:
+        download_models(settings, segment=True, panoptic=True, progress=True)
+    except ModelError as err:
+        return err.message
+    return None
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def run_dev(*, image: Optional[str] = None, keep_running: bool = True, workdir: Optional[str] = None) -> int:
+    from api_client.localstack import RedisServer, S3Server
+
+    base = get_settings()
+    problem = _check_models(base)
+    if problem:
+        _say(f"segq dev: the models are not available: {problem}")
+        return 2
+
+    data = Path(image).read_bytes() if image else sample_image()
+    name = Path(image).name if image else "sample.jpg"
+    root = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="segq-dev-"))
+    root.mkdir(parents=True, exist_ok=True)
+    access_key, secret_key = "segq-dev", secrets.token_hex(16)
+    flower_password = secrets.token_urlsafe(12)
+
+    with ExitStack() as stack:
+        if not workdir:
+            stack.callback(shutil.rmtree, root, ignore_errors=True)
+        _say("starting Redis and S3 (weed mini) on loopback ...")
+        redis = stack.enter_context(RedisServer(root / "redis"))
+        s3 = stack.enter_context(S3Server(root / "s3", access_key=access_key, secret_key=secret_key))
+        env = {
+            **os.environ,
+            **s3.env(),
+            "SEGQ_REDIS_URL": redis.url,
+            "SEGQ_ALLOWED_INPUTS": '["s3://segq-input/"]',
+            "PYTHONUNBUFFERED": "1",
+        }
+        os.environ.update({k: v for k, v in env.items() if k.startswith(("SEGQ_", "AWS_"))})
+        get_settings.cache_clear()
+        settings = get_settings()
+
+        from api_client.client import SegmentationClient
+
+        client = SegmentationClient(settings)
+        client.storage.ensure_buckets([settings.input_bucket, settings.output_bucket])
+
+        logs = root / "logs"
+        logs.mkdir(exist_ok=True)
+        _say("starting a worker (models load before it takes work) ...")
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "api_client.cli", "worker", "--hostname", "segq-dev@%h"],
+            env=env, stdout=open(logs / "worker.log", "wb"), stderr=subprocess.STDOUT,
+        )
+        stack.callback(_stop, worker)
+        flower_port = _free_port()
+        flower = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "worker.app:app", "flower",
+             f"--port={flower_port}", "--address=127.0.0.1",
+             f"--basic-auth=segq:{flower_password}"],
+            env=env, stdout=open(logs / "flower.log", "wb"), stderr=subprocess.STDOUT,
+        )
+        stack.callback(_stop, flower)
+
+        if not _wait_ready(settings, worker, logs / "worker.log"):
+            return 1
+
+        uri = client.upload(data, f"samples/{name}", content_type="image/jpeg")
+        _say(f"uploaded {name} to {uri}\n")
+        jobs = {
+            "segment": client.segment(uri, None, multimask=True),
+            "panoptic": client.panoptic(uri),
+            "cutout": client.cutout(uri, None),
+            "overlay": client.overlay(uri),
+        }
+        OUTPUT_DIR.mkdir(exist_ok=True)
+        failures = 0
+        for kind, job in jobs.items():
+            try:
+                st = job.wait(timeout=600)
+            except SegqError as err:
+                failures += 1
+                _say(f"{kind:9s} {job.id}  FAILED  {err}")
+                continue
+            took = st.finished_at - st.created_at if st.finished_at else 0.0
+            _say(f"{kind:9s} {job.id}  {st.state.value} in {took:.1f}s  {_summary(st.result or {})}")
+            for out_name, url in job.urls().items():
+                if out_name != "manifest.json":
+                    local = OUTPUT_DIR / f"{kind}-{out_name}"
+                    local.write_bytes(job.output(out_name))
+                    _say(f"    {out_name}: {local}  {url[:96]}...")
+        _say(f"\nFlower: http://127.0.0.1:{flower_port}  (user segq, password {flower_password})")
+        _say(f"env for other shells: SEGQ_REDIS_URL={redis.url} SEGQ_S3_ENDPOINT_URL={s3.endpoint_url}")
+        if keep_running and failures == 0:
+            _say("the stack keeps running; Ctrl-C stops everything it started")
+            try:
+                while worker.poll() is None:
+                    time.sleep(1)
+            except KeyboardInterrupt:
+                _say("\nstopping ...")
+        return 1 if failures else 0
+
+
+def _wait_ready(settings: Settings, worker: subprocess.Popen, log: Path, timeout: float = 300) -> bool:
+    from api_client.health import ask_workers
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if worker.poll() is not None:
+            _say(f"segq dev: the worker exited with code {worker.returncode}; its log ({log}):")
+            _say(log.read_text(errors="replace")[-3000:])
+            return False
+        replies = ask_workers(settings, timeout=1.0)
+        if any(r.get("ready") for r in replies.values()):
+            for host, r in replies.items():
+                _say(f"worker {host} ready: {r.get('providers')}, models loaded in {r.get('load_seconds')}s")
+            return True
+    _say(f"segq dev: the worker was not ready after {timeout:.0f}s; see {log}")
+    return False
+
+
+def _summary(result: dict) -> str:
+    if "masks" in result:
+        return "masks: " + ", ".join(f"score {m['score']:.2f} area {m['area']}" for m in result["masks"])
+    if "segments" in result:
+        labels = [s.get("label", f"#{s.get('index')}") for s in result["segments"]]
+        return f"{len(labels)} segments: {', '.join(map(str, labels[:8]))}"
+    if "cutout" in result:
+        return f"cutout {result.get('cutout_size')}"
+    return ""
