@@ -25,7 +25,10 @@ from config.contract import (
     output_key,
     parse_request,
 )
-from config.errors import SegqError, WorkerLost
+from celery.exceptions import SoftTimeLimitExceeded
+
+from config.errors import JobTimeout, SegqError, WorkerLost
+from worker import metrics
 from worker.imaging.masks import mask_from_png
 from worker.pipelines import JobOutput
 from worker.runtime import Runtime
@@ -68,7 +71,7 @@ def execute(runtime: Runtime, payload: Any, delivery: Delivery) -> Optional[dict
         request = parse_request(payload, max_bytes=settings.max_payload_bytes)
     except SegqError as err:
         _ensure_record(runtime, job_id, payload)
-        status.fail(job_id, err.code, err.message)
+        _fail(runtime, job_id, _task_of(payload), err)
         log.warning("job %s rejected: %s", job_id, err)
         return None
 
@@ -83,7 +86,7 @@ def execute(runtime: Runtime, payload: Any, delivery: Delivery) -> Optional[dict
             f"the job was delivered {deliveries} times and its worker died each time; "
             f"giving up after {settings.max_deliveries} deliveries"
         )
-        status.fail(job_id, err.code, err.message)
+        _fail(runtime, job_id, request.task, err)
         log.error("job %s: %s", job_id, err)
         return None
 
@@ -93,18 +96,34 @@ def execute(runtime: Runtime, payload: Any, delivery: Delivery) -> Optional[dict
         if err.retryable and delivery.retries < settings.max_retries:
             countdown = backoff(delivery.retries, settings.retry_backoff_s, settings.retry_backoff_max_s)
             status.requeue(job_id, f"{err.code}: {err.message}")
+            metrics.RETRIES.labels(request.task, err.code).inc()
             log.warning("job %s: %s; retry %d in %.1fs", job_id, err, delivery.retries + 1, countdown)
             raise RetryLater(err, countdown) from err
-        status.fail(job_id, err.code, err.message, err.details or None)
+        _fail(runtime, job_id, request.task, err)
         log.info("job %s failed: %s", job_id, err)
+        return None
+    except SoftTimeLimitExceeded:
+        limit = settings.soft_time_limit_s
+        _fail(runtime, job_id, request.task, JobTimeout(f"the job ran past its {limit}s time limit"))
         return None
     except Exception as exc:  # noqa: BLE001  the worker must survive any single job
         log.exception("job %s crashed", job_id)
-        status.fail(job_id, "internal_error", f"{type(exc).__name__}: {exc}")
+        _fail(runtime, job_id, request.task, SegqError(f"{type(exc).__name__}: {exc}"))
         return None
 
     status.succeed(job_id, result, timings)
+    metrics.record_job(request.task, "succeeded", timings=timings)
     return result
+
+
+def _fail(runtime: Runtime, job_id: str, task: str, err: SegqError) -> None:
+    runtime.status.fail(job_id, err.code, err.message, err.details or None)
+    metrics.record_job(task, "failed", err.code)
+
+
+def _task_of(payload: Any) -> str:
+    task = payload.get("task") if isinstance(payload, dict) else None
+    return task if isinstance(task, str) else "unknown"
 
 
 def run_job(
@@ -190,6 +209,5 @@ def _ensure_record(runtime: Runtime, job_id: str, payload: Any) -> JobStatus:
     existing = runtime.status.get(job_id)
     if existing is not None:
         return existing
-    task = payload.get("task", "unknown") if isinstance(payload, dict) else "unknown"
     image = payload.get("image") if isinstance(payload, dict) else None
-    return runtime.status.create(job_id, str(task), image if isinstance(image, str) else None)
+    return runtime.status.create(job_id, _task_of(payload), image if isinstance(image, str) else None)

@@ -12,6 +12,7 @@ import time
 from typing import Optional
 
 from config.settings import Settings, get_settings
+from worker import metrics
 from worker.pipelines import Pipelines
 from worker.status import StatusStore
 from worker.storage import Storage
@@ -35,6 +36,13 @@ class Runtime:
         t0 = time.perf_counter()
         self.providers = self.pipelines.warm_up(self.settings.load_models)
         self.load_seconds = time.perf_counter() - t0
+        metrics.record_models(self.load_seconds, self.providers)
+        if self.settings.metrics_port:
+            metrics.serve(
+                self.settings.metrics_port,
+                broker_url=self.settings.broker,
+                queues=[self.settings.queue_segment, self.settings.queue_batch],
+            )
         self.ready = True
         log.info(
             "models ready in %.1fs: %s",

@@ -10,12 +10,12 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from celery import Task
-from celery.exceptions import SoftTimeLimitExceeded
 
 from config.contract import TASK_CUTOUT, TASK_OVERLAY, TASK_PANOPTIC, TASK_SEGMENT
 from worker.app import app
 from worker.jobs import Delivery, RetryLater, execute
 from worker.runtime import get_runtime
+
 
 def _run(task: Task, args: tuple, kwargs: dict) -> Optional[dict[str, Any]]:
     runtime = get_runtime()
@@ -30,10 +30,6 @@ def _run(task: Task, args: tuple, kwargs: dict) -> Optional[dict[str, Any]]:
         return execute(runtime, payload, delivery)
     except RetryLater as later:
         raise task.retry(countdown=later.countdown, max_retries=None) from later.error
-    except SoftTimeLimitExceeded:
-        limit = runtime.settings.soft_time_limit_s
-        runtime.status.fail(delivery.job_id, "timeout", f"the job ran past {limit}s")
-        return None
 
 
 _common = dict(bind=True, acks_late=True, reject_on_worker_lost=True)

@@ -1,0 +1,61 @@
+"""Queue depth and in-flight jobs per queue, read from the Redis broker at scrape time.
+
+Flower has no such gauge, and an autoscaler (KEDA, an HPA on an external metric) needs
+one that works even when no worker runs, so this collector serves from the worker's
+metrics endpoint and from ``segq metrics`` alike.
+
+Kombu's Redis transport keeps each queue as a list named after the queue, and every
+delivered-but-unacknowledged message in the ``unacked`` hash as ``[message, exchange,
+routing_key]``: those are the jobs in flight.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Iterable, Iterator
+
+import redis
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+UNACKED_HASH = "unacked"
+
+
+def queue_depths(client: redis.Redis, queues: Iterable[str]) -> dict[str, tuple[int, int]]:
+    """``{queue: (waiting, in_flight)}``."""
+    queues = list(queues)
+    pipe = client.pipeline(transaction=False)
+    for q in queues:
+        pipe.llen(q)
+    waiting = pipe.execute()
+    in_flight = dict.fromkeys(queues, 0)
+    for raw in client.hscan_iter(UNACKED_HASH):
+        try:
+            routing_key = json.loads(raw[1])[2]
+        except (ValueError, IndexError, TypeError):
+            continue
+        if routing_key in in_flight:
+            in_flight[routing_key] += 1
+    return {q: (int(w), in_flight[q]) for q, w in zip(queues, waiting)}
+
+
+class QueueCollector(Collector):
+    def __init__(self, broker_url: str, queues: Iterable[str]) -> None:
+        self.client = redis.Redis.from_url(broker_url, socket_timeout=2, socket_connect_timeout=2)
+        self.queues = list(queues)
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        waiting = GaugeMetricFamily("segq_queue_depth", "Jobs waiting in the queue", labels=["queue"])
+        flight = GaugeMetricFamily("segq_queue_in_flight", "Jobs delivered and not yet acknowledged", labels=["queue"])
+        up = GaugeMetricFamily("segq_broker_up", "1 when the broker answered this scrape")
+        try:
+            depths = queue_depths(self.client, self.queues)
+        except redis.RedisError:
+            up.add_metric([], 0)
+            yield up
+            return
+        for q, (w, f) in depths.items():
+            waiting.add_metric([q], w)
+            flight.add_metric([q], f)
+        up.add_metric([], 1)
+        yield from (waiting, flight, up)

@@ -1,0 +1,62 @@
+"""Prometheus metrics of a worker process, served on ``SEGQ_METRICS_PORT``.
+
+Jobs by task and final state, seconds per stage, embedding-cache hits and misses, model
+load time, the execution provider in use, and the queue gauges of
+``api_client.queue_metrics``. One process per GPU with a threads pool means one registry;
+a prefork pool would need prometheus_client's multiprocess mode (not used by segq).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Optional
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+log = logging.getLogger("segq.worker")
+
+JOBS = Counter("segq_jobs", "Jobs that reached a final state", ["task", "state", "code"])
+RETRIES = Counter("segq_job_retries", "Jobs handed back for a retry after a transient fault", ["task", "code"])
+STAGE_SECONDS = Histogram(
+    "segq_stage_seconds",
+    "Seconds per job stage",
+    ["task", "stage"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+)
+CACHE = Counter("segq_embedding_cache", "SAM 2 embedding cache lookups", ["result"])
+MODEL_LOAD_SECONDS = Gauge("segq_model_load_seconds", "Seconds to load and warm the models")
+PROVIDER = Gauge("segq_execution_provider", "1 for the execution provider each model runs on", ["model", "provider"])
+
+_started = threading.Lock()
+_server_port: Optional[int] = None
+
+
+def record_job(task: str, state: str, code: str = "", timings: Optional[dict[str, float]] = None) -> None:
+    JOBS.labels(task, state, code).inc()
+    for stage, seconds in (timings or {}).items():
+        if stage == "cache_hit":
+            CACHE.labels("hit" if seconds else "miss").inc()
+        else:
+            STAGE_SECONDS.labels(task, stage).observe(seconds)
+
+
+def record_models(load_seconds: float, providers: dict[str, str]) -> None:
+    MODEL_LOAD_SECONDS.set(load_seconds)
+    for model, provider in providers.items():
+        PROVIDER.labels(model, provider).set(1)
+
+
+def serve(port: int, *, broker_url: str, queues: list[str], registry: CollectorRegistry = REGISTRY) -> int:
+    """Start the metrics HTTP server once per process; returns the bound port."""
+    global _server_port
+    from api_client.queue_metrics import QueueCollector
+
+    with _started:
+        if _server_port is None:
+            if broker_url.startswith(("redis://", "rediss://", "unix://")):
+                registry.register(QueueCollector(broker_url, queues))
+            server, _thread = start_http_server(port, addr="0.0.0.0", registry=registry)
+            _server_port = server.server_port
+            log.info("metrics on :%d/metrics", _server_port)
+        return _server_port
