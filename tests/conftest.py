@@ -1,0 +1,3 @@
+"""Shared fixtures. Engineers append their own imports and fixtures below."""
+
+from tests.support.services import redis_server, redis_url, s3_server, settings  # noqa: F401

@@ -1,0 +1,234 @@
+"""Job status in Redis: one JSON record per job (``config.contract.JobStatus`` under
+``status_key(job_id)``), its TTL refreshed on every write.
+
+The state machine::
+
+    queued --start--> running --succeed--> succeeded
+      |  ^               |  \\--fail-----> failed
+      |  '---requeue-----'
+      |--fail--> failed
+      '--cancel--> cancelled
+
+Each transition is a read-check-write under WATCH/MULTI (``Redis.transaction``) rather
+than a Lua script: the schema and the rules stay in Python, validated by the same
+pydantic model the clients read with, where Lua would need a second copy of both (and
+its cjson turns empty lists into objects and rounds floats to 14 digits). A job's key
+has at most two writers at a time (its worker and a client cancelling it), so the
+optimistic retry is rare; and redis-py turns a connection lost mid-WATCH into a
+``WatchError``, so after a Redis restart the transition simply runs again.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Optional, Union
+
+import redis
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError, TimeoutError
+from redis.retry import Retry
+
+from config.contract import IDEMPOTENCY_KEY, JobErrorInfo, JobState, JobStatus, status_key
+from config.errors import InvalidTransition, JobNotFound
+
+# Reconnect with backoff for about 15 s in all (0.05 s doubling up to 2 s per try):
+# long enough for Redis to restart and reload its AOF, short enough to surface an outage.
+RECONNECT_RETRIES = 12
+RECONNECT_BACKOFF = dict(base=0.05, cap=2.0)
+# A connection idle this long is PINGed before use, so a dead one is replaced up front.
+HEALTH_CHECK_INTERVAL_S = 15
+
+
+def redis_client(url: str) -> redis.Redis:
+    """A client that survives a Redis restart: commands retry on connection errors and
+    timeouts with exponential backoff. ``redis://:password@host/0`` and ``rediss://``
+    (TLS) URLs work as they are."""
+    return redis.Redis.from_url(
+        url,
+        health_check_interval=HEALTH_CHECK_INTERVAL_S,
+        socket_keepalive=True,
+        retry=Retry(ExponentialBackoff(**RECONNECT_BACKOFF), RECONNECT_RETRIES),
+        retry_on_error=[ConnectionError, TimeoutError],
+    )
+
+
+def _text(value: Union[bytes, str]) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+class StatusStore:
+    """Reads and changes job records. Thread-safe (redis-py's connection pool)."""
+
+    def __init__(self, redis_client_or_url: Union[redis.Redis, str], *, ttl_s: int) -> None:
+        if isinstance(redis_client_or_url, str):
+            redis_client_or_url = redis_client(redis_client_or_url)
+        self.redis = redis_client_or_url
+        self.ttl_s = ttl_s
+
+    # --- reading -------------------------------------------------------------------
+
+    def get(self, job_id: str) -> Optional[JobStatus]:
+        """The job's record, or None if there is no such job (never created, or expired)."""
+        raw = self.redis.get(status_key(job_id))
+        return None if raw is None else JobStatus.model_validate_json(raw)
+
+    # --- creating ------------------------------------------------------------------
+
+    def create(self, job_id: str, task: str, image: Optional[str]) -> JobStatus:
+        """A new ``queued`` record. Creating a job that exists returns it unchanged."""
+        record = self._new(job_id, task, image)
+        if self.redis.set(status_key(job_id), record.model_dump_json(), nx=True, ex=self.ttl_s):
+            return record
+        existing = self.get(job_id)
+        return existing if existing is not None else self.create(job_id, task, image)
+
+    def idempotent_create(
+        self, idempotency_key: str, job_id: str, task: str, image: Optional[str]
+    ) -> tuple[str, bool]:
+        """Create ``job_id`` unless ``idempotency_key`` was used within the TTL; returns
+        the job id the key stands for and whether this call created it."""
+        idem_key = IDEMPOTENCY_KEY.format(key=idempotency_key)
+        record = self._new(job_id, task, image)
+
+        def claim(pipe: Any) -> tuple[str, bool]:
+            first = pipe.get(idem_key)
+            if first is not None:
+                return _text(first), False
+            pipe.multi()
+            pipe.set(idem_key, job_id, nx=True, ex=self.ttl_s)
+            pipe.set(status_key(job_id), record.model_dump_json(), nx=True, ex=self.ttl_s)
+            return job_id, True
+
+        return self.redis.transaction(claim, idem_key, value_from_callable=True)
+
+    def discard(self, job_id: str, idempotency_key: Optional[str] = None) -> None:
+        """Forget a job that was never enqueued: its ``queued`` record, and the
+        idempotency key if it still points at this job."""
+        key = status_key(job_id)
+        idem_key = IDEMPOTENCY_KEY.format(key=idempotency_key) if idempotency_key else None
+        watched = [key] + ([idem_key] if idem_key else [])
+
+        def drop(pipe: Any) -> None:
+            raw = pipe.get(key)
+            queued = raw is not None and JobStatus.model_validate_json(raw).state is JobState.queued
+            points_here = idem_key is not None and _text(pipe.get(idem_key) or b"") == job_id
+            pipe.multi()
+            if queued:
+                pipe.delete(key)
+            if points_here:
+                pipe.delete(idem_key)
+
+        self.redis.transaction(drop, *watched)
+
+    # --- transitions ---------------------------------------------------------------
+
+    def start(self, job_id: str, worker: str) -> Optional[JobStatus]:
+        """``queued``/``running`` -> ``running`` (a redelivered job starts again), counting
+        the attempt. None if the job is cancelled or already over: the worker skips it."""
+
+        def change(job: JobStatus, now: float) -> Optional[JobStatus]:
+            if job.is_final:
+                return None
+            return job.model_copy(
+                update=dict(
+                    state=JobState.running, worker=worker, attempts=job.attempts + 1,
+                    started_at=now, stage=None, error=None,
+                )
+            )  # fmt: skip
+
+        return self._transition(job_id, change)
+
+    def stage(self, job_id: str, name: str) -> JobStatus:
+        """Record what a running job is doing now (``download``, ``inference``, ...)."""
+
+        def change(job: JobStatus, now: float) -> JobStatus:
+            _require(job, "set the stage of", JobState.running)
+            return job.model_copy(update=dict(stage=name))
+
+        return self._transition(job_id, change)
+
+    def succeed(self, job_id: str, result: dict[str, Any], timings: dict[str, float]) -> JobStatus:
+        """``running`` -> ``succeeded``. Call after the outputs are in S3."""
+
+        def change(job: JobStatus, now: float) -> JobStatus:
+            _require(job, "succeed", JobState.running)
+            return job.model_copy(
+                update=dict(
+                    state=JobState.succeeded, result=result, timings=dict(timings),
+                    finished_at=now, stage=None, error=None,
+                )
+            )  # fmt: skip
+
+        return self._transition(job_id, change)
+
+    def fail(
+        self, job_id: str, code: str, message: str, details: Optional[dict[str, Any]] = None
+    ) -> Optional[JobStatus]:
+        """``queued``/``running`` -> ``failed`` with an error code. None if the job had
+        already ended: failures come from error paths (time limits, lost workers) that
+        can race with another ending, and the first ending stands."""
+        error = JobErrorInfo(code=code, message=message, details=details)
+
+        def change(job: JobStatus, now: float) -> Optional[JobStatus]:
+            if job.is_final:
+                return None
+            return job.model_copy(update=dict(state=JobState.failed, error=error, finished_at=now))
+
+        return self._transition(job_id, change)
+
+    def requeue(self, job_id: str, reason: str) -> JobStatus:
+        """``running`` -> ``queued`` while the job waits for a retry; ``reason`` shows as
+        its stage."""
+
+        def change(job: JobStatus, now: float) -> JobStatus:
+            _require(job, "requeue", JobState.running)
+            return job.model_copy(update=dict(state=JobState.queued, stage=f"retrying: {reason}", worker=None))
+
+        return self._transition(job_id, change)
+
+    def cancel(self, job_id: str) -> JobStatus:
+        """``queued`` -> ``cancelled``; a worker that picks the job up later skips it.
+        ``InvalidTransition`` once it runs or has ended."""
+
+        def change(job: JobStatus, now: float) -> JobStatus:
+            _require(job, "cancel", JobState.queued)
+            return job.model_copy(update=dict(state=JobState.cancelled, finished_at=now, stage=None))
+
+        return self._transition(job_id, change)
+
+    # --- plumbing ------------------------------------------------------------------
+
+    def _new(self, job_id: str, task: str, image: Optional[str]) -> JobStatus:
+        now = time.time()
+        return JobStatus(job_id=job_id, task=task, state=JobState.queued, image=image, created_at=now, updated_at=now)
+
+    def _transition(
+        self, job_id: str, change: Callable[[JobStatus, float], Optional[JobStatus]]
+    ) -> Any:
+        """Apply ``change`` to the stored record atomically: if another client writes the
+        record between our read and our write, the whole step runs again on the new one."""
+        key = status_key(job_id)
+
+        def step(pipe: Any) -> Optional[JobStatus]:
+            raw = pipe.get(key)
+            if raw is None:
+                raise JobNotFound(f"no job {job_id!r} (never created, or its status expired)", job_id=job_id)
+            now = time.time()
+            new = change(JobStatus.model_validate_json(raw), now)
+            if new is not None:
+                new = new.model_copy(update=dict(updated_at=now))
+                pipe.multi()
+                pipe.set(key, new.model_dump_json(), ex=self.ttl_s)
+            return new
+
+        return self.redis.transaction(step, key, value_from_callable=True)
+
+
+def _require(job: JobStatus, action: str, *states: JobState) -> None:
+    if job.state not in states:
+        allowed = " or ".join(s.value for s in states)
+        raise InvalidTransition(
+            f"cannot {action} job {job.job_id}: it is {job.state.value}, not {allowed}",
+            job_id=job.job_id,
+            state=job.state.value,
+        )
