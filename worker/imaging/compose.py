@@ -1,0 +1,151 @@
+"""Pictures made from an image and its masks: cutouts (RGBA) and colour overlays (RGB)."""
+
+from __future__ import annotations
+
+import colorsys
+from typing import Optional, Sequence, Union
+
+import numpy as np
+from PIL import Image
+
+from config.errors import InvalidMask
+from worker.imaging.decode import DecodedImage
+from worker.imaging.masks import MAX_LABEL, as_mask, bbox, require_shape
+
+RGB = tuple[int, int, int]
+Masks = Union[Sequence[np.ndarray], np.ndarray]
+
+_GOLDEN_RATIO_CONJUGATE = 0.618033988749895
+OUTLINE_WIDTH = 2
+
+
+def palette_color(index: int) -> RGB:
+    """The colour of segment ``index`` (label id ``index + 1``), the same in every run.
+
+    Hues step round the circle by the golden ratio, so neighbouring indices land far apart
+    and any first few segments are evenly spread, at a saturation and brightness that keep
+    the image readable underneath.
+    """
+    hue = (0.1 + index * _GOLDEN_RATIO_CONJUGATE) % 1.0
+    r, g, b = colorsys.hsv_to_rgb(hue, 0.75, 0.95)
+    return round(r * 255), round(g * 255), round(b * 255)
+
+
+def cutout(image: DecodedImage, mask: np.ndarray, *, crop: bool = False) -> Image.Image:
+    """The image's own pixels with ``mask`` as alpha (255 inside, 0 outside), RGBA.
+
+    An image that already has alpha keeps it inside the mask (``mask * 255 * alpha / 255``,
+    which is exact for a binary mask). ``crop`` cuts the result to the mask's bounding box;
+    an empty mask has none, so that is ``InvalidMask`` rather than a silent 1x1 image.
+    """
+    _require_full_resolution(image)
+    mask = as_mask(mask, (image.height, image.width))
+    source = image.rgba if image.rgba is not None else image.rgb
+    alpha = image.alpha
+    if crop:
+        box = bbox(mask)
+        if box is None:
+            raise InvalidMask("the mask is empty, so there is nothing to crop to")
+        x, y, w, h = box
+        source = source.crop((x, y, x + w, y + h))
+        mask = mask[y : y + h, x : x + w]
+        alpha = alpha[y : y + h, x : x + w] if alpha is not None else None
+    if alpha is None:
+        cut_alpha = mask.view(np.uint8) * np.uint8(255)
+    else:
+        cut_alpha = np.where(mask, alpha, np.uint8(0))
+    out = source.convert("RGBA")
+    out.putalpha(Image.fromarray(cut_alpha))
+    return out
+
+
+def overlay(
+    image: DecodedImage,
+    masks: Masks,
+    *,
+    alpha: float = 0.5,
+    outline: bool = False,
+    colors: Optional[Sequence[RGB]] = None,
+) -> Image.Image:
+    """The image with each segment tinted in its own colour, RGB.
+
+    ``masks`` is a list of masks (segment ``i`` is ``masks[i]``; where masks overlap the
+    later one is drawn) or a label map (segment ``i`` is label id ``i + 1``, 0 is none).
+    Inside segment ``i`` each channel is ``floor(base * (1 - alpha) + colour * alpha + 0.5)``,
+    computed in float64 (rounding half up); elsewhere the image is unchanged. ``colors[i]``
+    replaces ``palette_color(i)``. ``outline`` paints the 2 pixels inside each segment's
+    border in its full colour.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be within 0..1, got {alpha}")
+    _require_full_resolution(image)
+    labels, count = _label_map(masks, (image.height, image.width))
+    palette = _palette(count, colors)
+    tinted = _blend_tables(palette, alpha)
+    base = np.asarray(image.rgb)
+    # Each output value is a table lookup at (segment, channel, base value): exact, and
+    # one gather per channel instead of float arithmetic on 12 M pixels.
+    row = labels.astype(np.intp) << 8
+    out = np.empty_like(base)
+    for channel in range(3):
+        out[..., channel] = tinted[channel].ravel()[row | base[..., channel]]
+    if outline:
+        border = _borders(labels)
+        out[border] = palette[labels[border]]
+    return Image.fromarray(out)
+
+
+def _require_full_resolution(image: DecodedImage) -> None:
+    if image.is_reduced:
+        raise ValueError(
+            f"image was decoded at {image.rgb.width}x{image.rgb.height} (reduce_to) but is "
+            f"{image.width}x{image.height}; cutouts and overlays need a full decode"
+        )
+
+
+def _label_map(masks: Masks, shape: tuple[int, int]) -> tuple[np.ndarray, int]:
+    """(HxW map of segment index + 1, 0 for none; number of segment rows the tables need)."""
+    if isinstance(masks, np.ndarray) and masks.ndim == 2 and masks.dtype != bool:
+        if not np.issubdtype(masks.dtype, np.integer):
+            raise InvalidMask(f"a label map must hold integer ids, got {masks.dtype}")
+        require_shape(masks, shape, "label map")
+        labels = masks
+        if labels.size and (labels.min() < 0 or labels.max() > MAX_LABEL):
+            raise InvalidMask(f"segment ids must be within 0..{MAX_LABEL}")
+        return labels, int(labels.max(initial=0))
+    if isinstance(masks, np.ndarray) and masks.ndim == 2:
+        masks = [masks]
+    labels = np.zeros(shape, dtype=np.uint16)
+    for index, mask in enumerate(masks):
+        labels[as_mask(mask, shape)] = index + 1
+    return labels, len(masks)
+
+
+def _palette(count: int, colors: Optional[Sequence[RGB]]) -> np.ndarray:
+    """(count + 1, 3) uint8: row ``i + 1`` is segment ``i``'s colour; row 0 is unused."""
+    if colors is not None and len(colors) < count:
+        raise ValueError(f"{len(colors)} colours given for {count} segments")
+    chosen = [colors[i] if colors is not None else palette_color(i) for i in range(count)]
+    return np.array([(0, 0, 0), *chosen], dtype=np.uint8).reshape(count + 1, 3)
+
+
+def _blend_tables(palette: np.ndarray, alpha: float) -> np.ndarray:
+    """(3, segments + 1, 256) uint8: the blended value of each base value per segment."""
+    base = np.arange(256, dtype=np.float64)
+    colour = palette.T.astype(np.float64)[..., None]
+    tables = np.floor(base * (1.0 - alpha) + colour * alpha + 0.5).astype(np.uint8)
+    tables[:, 0, :] = np.arange(256, dtype=np.uint8)  # no segment: the base itself
+    return tables
+
+
+def _borders(labels: np.ndarray) -> np.ndarray:
+    """Pixels of a segment within OUTLINE_WIDTH of a different label, along rows or columns."""
+    near_change = np.zeros(labels.shape, dtype=bool)
+    for d in range(1, OUTLINE_WIDTH + 1):
+        across = labels[:, d:] != labels[:, :-d]
+        near_change[:, d:] |= across
+        near_change[:, :-d] |= across
+        down = labels[d:, :] != labels[:-d, :]
+        near_change[d:, :] |= down
+        near_change[:-d, :] |= down
+    return near_change & (labels > 0)
