@@ -122,6 +122,12 @@ class StorageUnavailable(StorageError):
     retryable = True
 
 
+class InvalidConfig(SegqError):
+    """A deployment setting is malformed, e.g. an entry of ``SEGQ_EVENT_RULES``."""
+
+    code = "invalid_config"
+
+
 class LocalServiceError(SegqError):
     """A local Redis or S3 server for `segq dev` or the tests would not start."""
 

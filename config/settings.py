@@ -119,6 +119,11 @@ class Settings(BaseSettings):
     webhook_allow_private: bool = False
     webhook_timeout_s: float = 10.0
     webhook_max_attempts: int = 5
+    event_rules: list[dict] = Field(
+        default_factory=list,
+        description="S3 upload rules (api_client.events.EventRule as JSON): which new objects "
+        "become which jobs.",
+    )
 
     @property
     def broker(self) -> str:
