@@ -20,10 +20,18 @@ from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError, features
 from config.errors import ImageTooLarge, ImageTooSmall, InvalidImage, SegqError, UnsupportedImage
 
 # An allowlist keeps Pillow's rarer plugins (EPS runs Ghostscript; many have seen little
-# fuzzing) away from untrusted bytes. MPO is how Pillow names many phone-camera JPEGs.
-FORMATS: tuple[str, ...] = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF") + (
+# fuzzing) away from untrusted bytes. Phone-camera JPEGs with a preview open through "JPEG"
+# as format "MPO".
+FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF") + (
     ("AVIF",) if features.check("avif") else ()
 )
+
+# Pillow's own bomb limit is process-wide, only warns between one and two times its value,
+# and raises with neither format nor size in the message. segq's limit is per call and
+# load_image checks it from the header before any pixel is decoded, so Pillow's is switched
+# off rather than left to disagree with it (a DecompressionBombError still maps to
+# ImageTooLarge should anything switch it back on).
+Image.MAX_IMAGE_PIXELS = None
 
 # Orientations 5-8 turn the picture a quarter, so the displayed width is the stored height.
 _QUARTER_TURNS = {5, 6, 7, 8}
@@ -83,7 +91,6 @@ def load_image(
         )
     if not data:
         raise InvalidImage("image is empty (0 bytes)")
-    _keep_pillow_limit_above(max_pixels)
     try:
         img = Image.open(io.BytesIO(data), formats=FORMATS)
     except UnidentifiedImageError:
@@ -119,15 +126,6 @@ def load_image(
     return DecodedImage(
         rgb=rgb, alpha=alpha, width=width, height=height, format=img.format, mode=mode, rgba=rgba
     )
-
-
-def _keep_pillow_limit_above(max_pixels: int) -> None:
-    # Pillow has its own process-wide bomb limit: it warns above it and raises above twice
-    # it. Ours is checked right after the header is read; raising Pillow's to ours (never
-    # lowering it: monotone, so concurrent calls cannot undo each other) means Pillow only
-    # ever warns about, or rejects, an image that our check rejects too.
-    if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < max_pixels:
-        Image.MAX_IMAGE_PIXELS = max_pixels
 
 
 def _check_header(img: Image.Image, described: str, *, max_pixels: int, min_side: int) -> None:
