@@ -79,8 +79,9 @@ def load_image(
     1/4 or 1/8 scale (its scaled inverse DCT), keeping both sides at least ``reduce_to``.
     That is several times faster on camera photos, but the pixels are not those of a full
     decode followed by a resize: each is roughly the mean of its block (a box filter) and
-    chroma is upsampled differently, so values differ by a few levels of 255, and the last
-    row and column may stand for a partial block. Use it only for model input that is
+    chroma is upsampled differently, and the last row and column may stand for a partial
+    block. Measured on a 4000x3000 photo resized to SAM's 1024x1024 input: mean difference
+    0.13 levels of 255, 99th percentile 1, worst 10 (at sharp edges). Use it only for model input that is
     resized anyway; cutouts and overlays need a full decode (``is_reduced`` is False).
     """
     if len(data) > max_bytes:
