@@ -1,0 +1,208 @@
+"""DETR panoptic over onnxruntime (Xenova layout: ``onnx/model.onnx`` plus ``config.json``).
+
+Preprocessing and postprocessing follow transformers' ``DetrImageProcessor`` (PIL backend)
+and its ``post_process_panoptic_segmentation``: queries predicting no-object or scoring
+under ``threshold`` are dropped; each kept query's mask probabilities are resized to the
+image, weighted by the query's score, and every pixel goes to the query with the highest
+weighted probability; a query becomes a segment if it won more than ``overlap_threshold``
+of the pixels where its weighted probability reaches ``mask_threshold``. Stuff classes
+(COCO ``isthing`` 0) fuse into one segment per class; things stay one segment per query.
+
+Where transformers is surprising we differ on purpose, and only there:
+- it can give two segments the same id when a fused stuff segment is followed by a new
+  one (its id counter restarts from the stuff id); ids here are always distinct;
+- with no query kept it returns a map of -1; here it is 0 (unassigned) like any other gap;
+- it lists a fused segment once per query; here once, with the best of their scores.
+The queries' masks are resized one at a time, so memory stays a few image-sized planes
+however many queries are kept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import onnxruntime as ort
+from PIL import Image
+
+from worker.inference.labels import label_name
+from worker.inference.sessions import input_shape, provider, require_io
+from worker.inference.transforms import resize_bilinear, to_model_input
+
+SHORTEST_EDGE = 800
+LONGEST_EDGE = 1333
+
+
+@dataclass(frozen=True)
+class PanopticSegment:
+    id: int  # its value in ``PanopticResult.segmentation``
+    label_id: int
+    label: str
+    score: float  # class probability
+    isthing: bool
+    area: int  # pixels
+    bbox: tuple[int, int, int, int]  # x, y, width, height in pixels
+
+
+@dataclass(frozen=True)
+class PanopticResult:
+    segmentation: np.ndarray  # int32 (height, width): segment ids from 1, 0 = unassigned
+    segments: list[PanopticSegment]
+
+    def mask(self, segment_id: int) -> np.ndarray:
+        return self.segmentation == segment_id
+
+
+def model_input_size(width: int, height: int, shortest: int = SHORTEST_EDGE, longest: int = LONGEST_EDGE) -> tuple[int, int]:
+    """``(width, height)`` to resize to: shortest edge ``shortest`` unless the longest would
+    pass ``longest``; transformers' ``get_size_with_aspect_ratio`` arithmetic, truncation
+    included (640x480 -> 1066x800)."""
+    short, long = min(width, height), max(width, height)
+    exact_short = None
+    if long / short * shortest > longest:
+        exact_short = longest * short / long
+        shortest = int(round(exact_short))
+    if short == shortest:
+        return width, height
+    scaled_long = int((exact_short if exact_short is not None else shortest) * long / short)
+    return (scaled_long, shortest) if width > height else (shortest, scaled_long)
+
+
+class DetrPanopticModel:
+    def __init__(
+        self,
+        session: ort.InferenceSession,
+        id2label: Mapping[int, str],
+        thing_ids: Collection[int],
+        *,
+        name: str = "detr",
+    ) -> None:
+        require_io(session, inputs=["pixel_values"], outputs=["logits", "pred_masks"], model_name=name)
+        self.session = session
+        self.id2label = dict(id2label)
+        self.thing_ids = frozenset(thing_ids)
+        self.name = name
+        self._wants_pixel_mask = any(i.name == "pixel_mask" for i in session.get_inputs())
+
+    @property
+    def provider(self) -> str:
+        return provider(self.session)
+
+    def preprocess(self, image: Image.Image) -> np.ndarray:
+        """float32 ``[1, 3, h, w]``: the image resized per ``model_input_size`` and normalised."""
+        return to_model_input(image, *model_input_size(*image.size))
+
+    def predict(
+        self,
+        image: Image.Image,
+        *,
+        threshold: float = 0.5,
+        mask_threshold: float = 0.5,
+        overlap_threshold: float = 0.8,
+        min_score: Optional[float] = None,
+    ) -> PanopticResult:
+        pixel_values = self.preprocess(image)
+        feeds = {"pixel_values": pixel_values}
+        if self._wants_pixel_mask:
+            # The public export fixes this at [1, 64, 64] (the graph resizes it); a
+            # symbolic size means the model wants it at the input's size.
+            shape = input_shape(self.session, "pixel_mask", (1, *pixel_values.shape[2:]))
+            feeds["pixel_mask"] = np.ones(shape, np.int64)
+        logits, pred_masks = self.session.run(["logits", "pred_masks"], feeds)
+        return self.postprocess(
+            logits[0],
+            pred_masks[0],
+            image.size,
+            threshold=threshold,
+            mask_threshold=mask_threshold,
+            overlap_threshold=overlap_threshold,
+            min_score=min_score,
+        )
+
+    def postprocess(
+        self,
+        logits: np.ndarray,
+        pred_masks: np.ndarray,
+        size: tuple[int, int],
+        *,
+        threshold: float = 0.5,
+        mask_threshold: float = 0.5,
+        overlap_threshold: float = 0.8,
+        min_score: Optional[float] = None,
+    ) -> PanopticResult:
+        """Segments at ``size`` (width, height) from one image's ``logits`` ``[Q, C+1]``
+        (last class: no-object) and ``pred_masks`` ``[Q, h, w]`` (mask logits)."""
+        width, height = size
+        probs = _softmax(logits.astype(np.float32))
+        scores, labels = probs.max(-1), probs.argmax(-1)
+        kept = np.flatnonzero((labels != logits.shape[-1] - 1) & (scores > threshold))
+        if kept.size == 0:
+            return PanopticResult(np.zeros((height, width), np.int32), [])
+
+        # owner: index into ``kept`` of the query that wins each pixel (first one on ties)
+        owner = np.zeros((height, width), np.min_scalar_type(kept.size))
+        best = None
+        confident = []
+        for k, query in enumerate(kept):
+            weighted = resize_bilinear(_sigmoid(pred_masks[query]), height, width)
+            weighted *= scores[query]
+            confident.append(np.count_nonzero(weighted >= mask_threshold))
+            if best is None:
+                best = weighted
+            else:
+                owner[weighted > best] = k
+                np.maximum(best, weighted, out=best)
+        won = np.bincount(owner.ravel(), minlength=kept.size)
+
+        segment_of = np.zeros(kept.size, np.int32)  # per kept query; 0 = not a segment
+        stuff_segment: dict[int, int] = {}
+        parts: dict[int, list[int]] = {}
+        for k, query in enumerate(kept):
+            if not (won[k] > 0 and confident[k] > 0 and won[k] / confident[k] > overlap_threshold):
+                continue
+            if min_score is not None and scores[query] < min_score:
+                continue
+            label_id = int(labels[query])
+            fuse = label_id not in self.thing_ids
+            segment_id = stuff_segment.get(label_id) if fuse else None
+            if segment_id is None:
+                segment_id = len(parts) + 1
+                if fuse:
+                    stuff_segment[label_id] = segment_id
+            segment_of[k] = segment_id
+            parts.setdefault(segment_id, []).append(k)
+
+        segmentation = segment_of[owner]
+        segments = []
+        for segment_id, ks in parts.items():
+            label_id = int(labels[kept[ks[0]]])
+            segments.append(
+                PanopticSegment(
+                    id=segment_id,
+                    label_id=label_id,
+                    label=label_name(label_id, self.id2label),
+                    score=float(max(scores[kept[k]] for k in ks)),
+                    isthing=label_id in self.thing_ids,
+                    area=int(sum(won[k] for k in ks)),
+                    bbox=_bbox(segmentation == segment_id),
+                )
+            )
+        return PanopticResult(segmentation, segments)
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore"):  # exp overflows to inf for very negative logits: 1/inf = 0
+        return (1.0 / (1.0 + np.exp(-x.astype(np.float32)))).astype(np.float32)
+
+
+def _bbox(mask: np.ndarray) -> tuple[int, int, int, int]:
+    rows = np.flatnonzero(mask.any(axis=1))
+    cols = np.flatnonzero(mask.any(axis=0))
+    return int(cols[0]), int(rows[0]), int(cols[-1] - cols[0] + 1), int(rows[-1] - rows[0] + 1)

@@ -1,0 +1,94 @@
+"""onnxruntime sessions: one per (model file, providers, threads) per process, shared by all
+callers. ``InferenceSession.run`` is thread-safe, so threads share a session rather than
+each loading its own copy of the weights."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import onnxruntime as ort
+
+from config.errors import ModelIncompatible
+from config.settings import Settings
+
+log = logging.getLogger(__name__)
+
+_sessions: dict[tuple, ort.InferenceSession] = {}
+_lock = threading.Lock()
+
+
+def usable_providers(wanted: Iterable[str]) -> list[str]:
+    """``wanted`` in order, less the providers this onnxruntime build does not offer."""
+    available = set(ort.get_available_providers())
+    wanted = list(wanted)
+    usable = [p for p in wanted if p in available]
+    skipped = [p for p in wanted if p not in available]
+    if skipped:
+        log.info("onnxruntime offers no %s here; skipping", ", ".join(skipped))
+    return usable or ["CPUExecutionProvider"]
+
+
+def get_session(path: Path, settings: Settings) -> ort.InferenceSession:
+    """The process's session for ``path`` with the providers and threads of ``settings``."""
+    providers = tuple(usable_providers(settings.providers))
+    key = (str(Path(path).resolve()), providers, settings.intra_op_threads, settings.inter_op_threads)
+    with _lock:
+        session = _sessions.get(key)
+        if session is None:
+            session = _sessions[key] = _create(Path(path), providers, settings)
+    return session
+
+
+def provider(session: ort.InferenceSession) -> str:
+    """The execution provider that runs ``session`` (the first one it accepted)."""
+    return session.get_providers()[0]
+
+
+def require_io(
+    session: ort.InferenceSession,
+    *,
+    inputs: Sequence[str],
+    outputs: Sequence[str],
+    model_name: str,
+) -> None:
+    """Raise ``ModelIncompatible`` naming every input and output ``session`` lacks."""
+    have_in = [i.name for i in session.get_inputs()]
+    have_out = [o.name for o in session.get_outputs()]
+    problems = []
+    missing_in = [n for n in inputs if n not in have_in]
+    missing_out = [n for n in outputs if n not in have_out]
+    if missing_in:
+        problems.append(f"inputs {missing_in} missing (it has {have_in})")
+    if missing_out:
+        problems.append(f"outputs {missing_out} missing (it has {have_out})")
+    if problems:
+        raise ModelIncompatible(
+            f"{model_name} does not look like the expected export: {'; '.join(problems)}",
+            missing_inputs=missing_in,
+            missing_outputs=missing_out,
+        )
+
+
+def input_shape(session: ort.InferenceSession, name: str, fallback: Sequence[int]) -> tuple[int, ...]:
+    """The declared shape of input ``name``, with each symbolic dimension taken from ``fallback``."""
+    declared = next(i.shape for i in session.get_inputs() if i.name == name)
+    if len(declared) != len(fallback):
+        raise ModelIncompatible(
+            f"input {name!r} has shape {declared}, expected {len(fallback)} dimensions"
+        )
+    return tuple(d if isinstance(d, int) and d > 0 else f for d, f in zip(declared, fallback))
+
+
+def _create(path: Path, providers: tuple[str, ...], settings: Settings) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = settings.intra_op_threads
+    options.inter_op_num_threads = settings.inter_op_threads
+    try:
+        session = ort.InferenceSession(str(path), sess_options=options, providers=list(providers))
+    except Exception as e:  # onnxruntime raises its own untyped errors for unreadable models
+        raise ModelIncompatible(f"onnxruntime cannot load {path}: {str(e).splitlines()[0]}") from None
+    log.info("loaded %s on %s (asked for %s)", path.name, provider(session), ", ".join(providers))
+    return session
