@@ -25,7 +25,7 @@ from typing import Any, Callable, Optional, Union
 
 import redis
 from redis.backoff import ExponentialBackoff
-from redis.exceptions import ConnectionError, TimeoutError
+from redis.exceptions import AuthenticationError, ConnectionError, TimeoutError
 from redis.retry import Retry
 
 from config.contract import IDEMPOTENCY_KEY, JobErrorInfo, JobState, JobStatus, status_key
@@ -39,6 +39,17 @@ RECONNECT_BACKOFF = dict(base=0.05, cap=2.0)
 HEALTH_CHECK_INTERVAL_S = 15
 
 
+class _Retry(Retry):
+    """``Retry`` that gives up at once on a wrong or missing password: redis-py files
+    ``AuthenticationError`` under ``ConnectionError``, and no backoff fixes a password."""
+
+    def call_with_retry(self, do, fail, is_retryable=None, with_failure_count=False):  # type: ignore[no-untyped-def]
+        def retryable(error: Exception) -> bool:
+            return not isinstance(error, AuthenticationError) and (is_retryable is None or is_retryable(error))
+
+        return super().call_with_retry(do, fail, retryable, with_failure_count)
+
+
 def redis_client(url: str) -> redis.Redis:
     """A client that survives a Redis restart: commands retry on connection errors and
     timeouts with exponential backoff. ``redis://:password@host/0`` and ``rediss://``
@@ -47,7 +58,7 @@ def redis_client(url: str) -> redis.Redis:
         url,
         health_check_interval=HEALTH_CHECK_INTERVAL_S,
         socket_keepalive=True,
-        retry=Retry(ExponentialBackoff(**RECONNECT_BACKOFF), RECONNECT_RETRIES),
+        retry=_Retry(ExponentialBackoff(**RECONNECT_BACKOFF), RECONNECT_RETRIES),
         retry_on_error=[ConnectionError, TimeoutError],
     )
 
