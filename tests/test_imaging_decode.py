@@ -104,7 +104,8 @@ def test_float_gray_is_taken_as_zero_to_one():
 
 def test_8_bit_gray_and_bilevel():
     gray = np.arange(24, dtype=np.uint8).reshape(2, 12) * 10
-    assert gray_row(decode(images.encode(Image.fromarray(gray), "PNG"))).tolist() == gray[0].tolist()
+    decoded = decode(images.encode(Image.fromarray(gray), "PNG"))
+    assert gray_row(decoded).tolist() == gray[0].tolist()
     bits = np.array([[1, 0, 1, 1], [0, 0, 1, 0]], dtype=bool)
     decoded = decode(images.bilevel_png(bits))
     assert decoded.mode == "1"
@@ -112,7 +113,8 @@ def test_8_bit_gray_and_bilevel():
 
 
 @pytest.mark.parametrize(
-    "cmyk, rgb", [((0, 255, 255, 0), (255, 0, 0)), ((0, 0, 0, 255), (0, 0, 0)), ((0, 0, 0, 0), (255, 255, 255))]
+    "cmyk, rgb",
+    [((0, 255, 255, 0), (255, 0, 0)), ((0, 0, 0, 255), (0, 0, 0)), ((0, 0, 0, 0), (255, 255, 255))],
 )
 def test_cmyk_jpeg_converts_to_rgb(cmyk, rgb):
     decoded = decode(images.cmyk_jpeg(cmyk))
@@ -165,7 +167,8 @@ def test_opaque_images_have_no_alpha():
 @pytest.mark.parametrize("fmt", ["WEBP", "BMP", "GIF", "TIFF", "PNG"])
 def test_lossless_formats_decode_exactly(fmt):
     pixels = images.quadrants(20, 14)
-    decoded = decode(images.encode(Image.fromarray(pixels), fmt, **({"lossless": True} if fmt == "WEBP" else {})))
+    params = {"lossless": True} if fmt == "WEBP" else {}
+    decoded = decode(images.encode(Image.fromarray(pixels), fmt, **params))
     assert decoded.format == fmt
     assert (np.asarray(decoded.rgb) == pixels).all()
 
@@ -191,6 +194,10 @@ def test_smallest_allowed_image():
 # --- bad input ----------------------------------------------------------------------------
 
 
+def noise_jpeg() -> bytes:
+    return images.encode(Image.fromarray(images.noise_rgb(64, 48)), "JPEG")
+
+
 def raises_code(error: type, data: bytes, **overrides) -> pytest.ExceptionInfo:
     with pytest.raises(error) as info:
         decode(data, **overrides)
@@ -203,7 +210,7 @@ def raises_code(error: type, data: bytes, **overrides) -> pytest.ExceptionInfo:
     [
         b"",
         b"this is not an image at all",
-        images.truncated(images.encode(Image.fromarray(images.noise_rgb(64, 48)), "JPEG")),
+        images.truncated(noise_jpeg()),
         images.truncated(images.encode(Image.fromarray(images.noise_rgb(64, 48)), "PNG")),
         images.encode(Image.new("RGB", (8, 8)), "PPM"),  # real, but not a format we accept
     ],
@@ -216,7 +223,7 @@ def test_unreadable_bytes_are_invalid_image(data):
 
 def test_truncated_images_stay_errors():
     assert ImageFile.LOAD_TRUNCATED_IMAGES is False
-    info = raises_code(InvalidImage, images.truncated(images.encode(Image.fromarray(images.noise_rgb(64, 48)), "JPEG")))
+    info = raises_code(InvalidImage, images.truncated(noise_jpeg()))
     assert "JPEG image of 64x48" in info.value.message
 
 

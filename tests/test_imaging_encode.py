@@ -25,7 +25,7 @@ def reopen(data: bytes) -> Image.Image:
     "img",
     [
         Image.fromarray(images.noise_rgb(33, 17)),
-        Image.fromarray(np.random.default_rng(1).integers(0, 256, (17, 33, 4), dtype=np.uint8), "RGBA"),
+        Image.fromarray(images.rgba_png(33, 17)[1], "RGBA"),
         Image.fromarray(np.random.default_rng(2).random((17, 33)) < 0.5),
         Image.fromarray(np.random.default_rng(3).integers(0, 65536, (17, 33), dtype=np.uint16)),
     ],

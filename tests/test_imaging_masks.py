@@ -139,6 +139,14 @@ def test_mask_of_another_size_is_refused_before_decoding():
         mask_from_png(png_bomb(30000, 30000), expected_size=(3, 4))
 
 
+@pytest.mark.timeout(10)
+def test_mask_bombs_are_refused_from_the_header_without_an_expected_size():
+    with pytest.raises(InvalidMask, match="30000x30000, over the limit"):
+        mask_from_png(png_bomb(30000, 30000))
+    with pytest.raises(InvalidMask, match="over the limit of 100 pixels"):
+        label_map_from_png(label_map_to_png(np.zeros((10, 11), np.int32)), max_pixels=100)
+
+
 # --- label maps -----------------------------------------------------------------------------
 
 
@@ -151,7 +159,9 @@ def test_label_map_png_is_16_bit_and_round_trips():
     assert back.dtype == np.int32 and (back == labels).all()
 
 
-@pytest.mark.parametrize("bad", [np.array([[-1, 0]]), np.array([[0, 65536]]), np.zeros((2, 2), np.float32)])
+@pytest.mark.parametrize(
+    "bad", [np.array([[-1, 0]]), np.array([[0, 65536]]), np.zeros((2, 2), np.float32)]
+)
 def test_label_maps_that_do_not_fit_16_bits_are_refused(bad):
     with pytest.raises(InvalidMask):
         label_map_to_png(bad)

@@ -179,7 +179,8 @@ def sample_scene(width: int = 1280, height: int = 853) -> Image.Image:
     horizon = int(height * 0.58)
 
     draw.ellipse((int(width * 0.78), 60, int(width * 0.78) + 90, 150), fill=(255, 244, 200))
-    for cx, cy, r in ((230, 140, 38), (290, 125, 50), (350, 145, 36), (900, 210, 30), (950, 198, 42)):
+    clouds = ((230, 140, 38), (290, 125, 50), (350, 145, 36), (900, 210, 30), (950, 198, 42))
+    for cx, cy, r in clouds:
         draw.ellipse((cx - 2 * r, cy - r, cx + 2 * r, cy + r), fill=(246, 248, 252))
     hills = [(0, horizon)] + [
         (x, horizon - 70 - int(45 * np.sin(x / 170.0) + 25 * np.sin(x / 61.0)))
@@ -203,8 +204,11 @@ def sample_scene(width: int = 1280, height: int = 853) -> Image.Image:
     # A cardboard box, drawn as three faces.
     bx, by, bw, bh, depth = 180, 560, 230, 170, 60
     shadow(bx + bw // 2 + 30, by + bh, bw // 2 + 50, 22)
-    draw.polygon([(bx, by), (bx + bw, by), (bx + bw + depth, by - depth), (bx + depth, by - depth)], fill=(214, 170, 112))
-    draw.polygon([(bx + bw, by), (bx + bw + depth, by - depth), (bx + bw + depth, by + bh - depth), (bx + bw, by + bh)], fill=(160, 118, 70))
+    top = [(bx, by), (bx + bw, by), (bx + bw + depth, by - depth), (bx + depth, by - depth)]
+    side = [(bx + bw, by), (bx + bw + depth, by - depth), (bx + bw + depth, by + bh - depth),
+            (bx + bw, by + bh)]
+    draw.polygon(top, fill=(214, 170, 112))
+    draw.polygon(side, fill=(160, 118, 70))
     draw.rectangle((bx, by, bx + bw, by + bh), fill=(190, 145, 90))
     draw.rectangle((bx + bw // 2 - 12, by, bx + bw // 2 + 12, by + bh), fill=(222, 200, 160))
 

@@ -14,9 +14,12 @@ import numpy as np
 from PIL import Image
 
 from config.errors import InvalidMask
+from config.settings import Settings
 from worker.imaging.encode import encode_png
 
 MAX_LABEL = 0xFFFF  # a 16-bit PNG holds the ids
+# No mask can be larger than the largest image a deployment accepts by default.
+DEFAULT_MAX_PIXELS: int = Settings.model_fields["max_image_pixels"].default
 
 
 def as_mask(mask: Any, shape: Optional[tuple[int, int]] = None) -> np.ndarray:
@@ -116,10 +119,16 @@ def mask_to_png(mask: np.ndarray) -> bytes:
     return encode_png(Image.fromarray(as_mask(mask)))
 
 
-def mask_from_png(data: bytes, expected_size: Optional[tuple[int, int]] = None) -> np.ndarray:
+def mask_from_png(
+    data: bytes,
+    expected_size: Optional[tuple[int, int]] = None,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> np.ndarray:
     """A bool mask from a PNG: 1-bit, or 8-bit gray with one level besides black (a 0/255
-    or 0/1 mask). ``expected_size`` is (height, width); any other size is ``InvalidMask``."""
-    img = _open_png(data, expected_size, what="mask")
+    or 0/1 mask). ``expected_size`` is (height, width); any other size, or more than
+    ``max_pixels``, is ``InvalidMask``, found from the header before any pixel is decoded."""
+    img = _open_png(data, expected_size, max_pixels, what="mask")
     if img.mode == "1":
         return np.asarray(img).copy()
     if img.mode != "L":
@@ -137,23 +146,36 @@ def label_map_to_png(segmentation: np.ndarray) -> bytes:
     """Segment ids (0..65535, 0 for no segment) as a 16-bit grayscale PNG."""
     labels = np.asarray(segmentation)
     if labels.ndim != 2 or not np.issubdtype(labels.dtype, np.integer):
-        raise InvalidMask(f"a label map must be a 2-D integer array, got {labels.dtype} {labels.shape}")
+        raise InvalidMask(
+            f"a label map must be a 2-D integer array, got {labels.dtype} {labels.shape}"
+        )
     if labels.size and (labels.min() < 0 or labels.max() > MAX_LABEL):
         raise InvalidMask(f"segment ids must be within 0..{MAX_LABEL} to fit a 16-bit PNG")
     return encode_png(Image.fromarray(labels.astype(np.uint16)))
 
 
-def label_map_from_png(data: bytes, expected_size: Optional[tuple[int, int]] = None) -> np.ndarray:
-    """The int32 label map from a 16-bit (or 8-bit) grayscale PNG."""
-    img = _open_png(data, expected_size, what="label map")
+def label_map_from_png(
+    data: bytes,
+    expected_size: Optional[tuple[int, int]] = None,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> np.ndarray:
+    """The int32 label map from a 16-bit (or 8-bit) grayscale PNG; sizes as for masks."""
+    img = _open_png(data, expected_size, max_pixels, what="label map")
     if img.mode not in ("I;16", "I;16B", "I", "L"):
         raise InvalidMask(f"a label map PNG must be grayscale, got mode {img.mode}")
     return np.asarray(img).astype(np.int32)
 
 
-def _open_png(data: bytes, expected_size: Optional[tuple[int, int]], *, what: str) -> Image.Image:
+def _open_png(
+    data: bytes, expected_size: Optional[tuple[int, int]], max_pixels: int, *, what: str
+) -> Image.Image:
     try:
         img = Image.open(io.BytesIO(data), formats=["PNG"])
+        if img.width * img.height > max_pixels:
+            raise InvalidMask(
+                f"{what} PNG is {img.width}x{img.height}, over the limit of {max_pixels} pixels"
+            )
         if expected_size is not None and (img.height, img.width) != tuple(expected_size):
             height, width = expected_size
             raise InvalidMask(
