@@ -210,6 +210,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hostname", help="worker to ask (default: any worker on this host)")
     p.add_argument("--timeout", type=float, default=5.0)
     p.set_defaults(func=cmd_health)
+
+    from api_client.event_server import cmd_events_serve
+    from api_client.events import cmd_events_sqs
+
+    p = sub.add_parser("events", help="turn S3 upload events into jobs by SEGQ_EVENT_RULES")
+    events = p.add_subparsers(dest="events_command", required=True, metavar="SOURCE")
+    p = events.add_parser("serve", help="an HTTP endpoint for MinIO (or any) S3 event webhooks")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    p.add_argument("--port", type=int, default=8090)
+    p.add_argument("--token", help="bearer token senders must present (default: $SEGQ_EVENT_TOKEN)")
+    p.set_defaults(func=cmd_events_serve)
+    p = events.add_parser("sqs", help="long-poll an SQS queue of S3 (or SNS-wrapped) events")
+    p.add_argument("--queue-url", required=True)
+    p.add_argument("--region", help="default: SEGQ_S3_REGION")
+    p.add_argument("--endpoint-url", help="an SQS-compatible endpoint instead of AWS")
+    p.add_argument("--max-messages", type=int, help="stop after this many messages")
+    p.set_defaults(func=cmd_events_sqs)
     return parser
 
 

@@ -73,7 +73,9 @@ def test_public_addresses_are_accepted_and_returned(url: str, ip: str) -> None:
     assert check_url(url, allow_private=False) == ip
 
 
-@pytest.mark.parametrize("url", ["http://127.0.0.1:9000/hook", "http://localhost/", "http://10.0.0.5/", "http://[::1]/"])
+@pytest.mark.parametrize(
+    "url", ["http://127.0.0.1:9000/hook", "http://localhost/", "http://10.0.0.5/", "http://[::1]/"]
+)
 def test_allow_private_lets_internal_addresses_through(url: str) -> None:
     assert check_url(url, allow_private=True)
 

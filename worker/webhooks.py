@@ -131,9 +131,11 @@ def deliver(
         if not outcome.retryable or attempt == attempts:
             break
         delay = _backoff(attempt, settings, outcome.retry_after)
-        log.info("webhook %s to %s: %s; attempt %d in %.2fs", delivery_id, _safe(url), outcome.error, attempt + 1, delay)
+        log.info("webhook %s to %s: %s; attempt %d in %.2fs",
+                 delivery_id, _safe(url), outcome.error, attempt + 1, delay)  # fmt: skip
         time.sleep(delay)
-    log.warning("webhook %s to %s not delivered after %d attempt(s): %s", delivery_id, _safe(url), attempt, outcome.error)
+    log.warning("webhook %s to %s not delivered after %d attempt(s): %s",
+                delivery_id, _safe(url), attempt, outcome.error)  # fmt: skip
     return DeliveryResult(event, delivery_id, False, attempt, outcome.status_code, outcome.error)
 
 
@@ -185,7 +187,9 @@ def _post(url: str, ip: str, body: bytes, headers: dict[str, str], timeout: floa
     conn = conn_class(parts.hostname, parts.port, timeout=timeout)
     # http.client opens its socket through this hook; pointing it at the vetted address
     # keeps everything else (Host header, SNI, certificate hostname) on the URL's name.
-    conn._create_connection = lambda address, *args: socket.create_connection((ip, address[1]), *args)  # type: ignore[attr-defined]
+    conn._create_connection = (  # type: ignore[attr-defined]
+        lambda address, *args: socket.create_connection((ip, address[1]), *args)
+    )
     try:
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         conn.request("POST", target, body, headers)

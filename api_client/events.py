@@ -1,0 +1,353 @@
+"""Upload events -> jobs: S3 event notifications become segq jobs by configured rules.
+
+    SEGQ_EVENT_RULES='[{"bucket": "segq-input", "prefix": "uploads/", "task": "panoptic"},
+                       {"bucket": "segq-input", "prefix": "uploads/", "task": "cutout"}]'
+
+Every new object under a rule's bucket and prefix whose name ends in one of its image
+suffixes becomes one job per matching rule. Accepted envelopes, all reduced to their S3
+records by ``s3_records``:
+
+- AWS S3 event notifications (``{"Records": [{"eventName": "ObjectCreated:Put", "s3": ...}]}``);
+- the same inside an SNS notification (``{"Type": "Notification", "Message": "<json>"}``);
+- the same inside an SQS message body, or Lambda's SQS and SNS trigger events;
+- MinIO's webhook events (``{"EventName": "s3:ObjectCreated:Put", "Key": ..., "Records": [...]}``).
+
+Delivery of these events is at least once (S3, SNS and SQS all redeliver), so each job
+is submitted with an idempotency key made of the object's bucket, key, version (its
+versionId, else its ETag, else the event's sequencer), the task and the rule: the same
+upload seen twice makes one job, while a new upload under the same key makes a new one.
+
+Entry points: ``handle_event`` (any caller), ``lambda_handler`` (AWS Lambda),
+``SqsPoller`` (a long-polling consumer) and ``api_client.event_server`` (HTTP, for MinIO).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import threading
+import time
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from typing import TYPE_CHECKING, Any, Iterator, Literal, Optional
+from urllib.parse import unquote_plus
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from config.contract import S3Ref, parse_request
+from config.errors import InvalidConfig, InvalidPayload, SegqError
+from config.settings import get_settings
+
+if TYPE_CHECKING:
+    from api_client.client import SegmentationClient
+
+log = logging.getLogger("segq.events")
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".avif")
+TEST_EVENT = "s3:TestEvent"
+
+
+class EventRule(BaseModel):
+    """New objects in ``bucket`` under ``prefix`` with one of ``suffixes`` (compared
+    case-insensitively) become ``task`` jobs with this prompt and these options."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    bucket: str = Field(min_length=1)
+    prefix: str = ""
+    suffixes: list[str] = Field(default_factory=lambda: list(IMAGE_SUFFIXES))
+    task: str
+    prompt: Optional[dict[str, Any]] = None
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _a_valid_job(self) -> "EventRule":
+        # The job contract is the judge: a rule that could only make invalid jobs is
+        # refused when the rules load, not once per upload.
+        sample = parse_request(
+            {"task": self.task, "image": f"s3://{self.bucket}/{self.prefix}example.jpg",
+             "prompt": self.prompt, "options": self.options}
+        )  # fmt: skip
+        self.task = sample.task
+        self.suffixes = [s.lower() for s in self.suffixes]
+        return self
+
+    def matches_location(self, bucket: str, key: str) -> bool:
+        return bucket == self.bucket and key.startswith(self.prefix)
+
+    def matches_suffix(self, key: str) -> bool:
+        return key.lower().endswith(tuple(self.suffixes))
+
+
+def load_rules(raw: list[dict[str, Any]]) -> list[EventRule]:
+    """Validate configured rules (``settings.event_rules``); ``InvalidConfig`` names the
+    rule and what is wrong with it."""
+    rules = []
+    for index, item in enumerate(raw):
+        try:
+            rules.append(EventRule.model_validate(item))
+        except ValidationError as err:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'rule'}: {e['msg']}" for e in err.errors())
+            raise InvalidConfig(f"SEGQ_EVENT_RULES[{index}] is invalid: {problems}", rule=index) from None
+        except SegqError as err:
+            raise InvalidConfig(f"SEGQ_EVENT_RULES[{index}] is invalid: {err}", rule=index) from None
+    return rules
+
+
+# --- events ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class UploadedObject:
+    """The part of one S3 event record segq cares about."""
+
+    event_name: str
+    bucket: str
+    key: str
+    version_id: Optional[str]
+    etag: Optional[str]
+    sequencer: Optional[str]
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> "UploadedObject":
+        try:
+            s3 = record["s3"]
+            obj = s3["object"]
+            name, bucket, raw_key = record["eventName"], s3["bucket"]["name"], obj["key"]
+        except (KeyError, TypeError) as err:
+            raise InvalidPayload(f"S3 event record without {err}") from None
+        # "null" is what versioning-suspended buckets report: there is no version to pin.
+        version = obj.get("versionId") if obj.get("versionId") not in (None, "", "null") else None
+        etag = (obj.get("eTag") or "").strip('"') or None
+        # Keys arrive form-encoded ("my+photo%C3%A9.jpg" is "my photoé.jpg").
+        return cls(name, bucket, unquote_plus(raw_key), version, etag, obj.get("sequencer") or None)
+
+    @property
+    def created(self) -> bool:
+        # AWS says "ObjectCreated:Put"; MinIO says "s3:ObjectCreated:Put".
+        return self.event_name.removeprefix("s3:").startswith("ObjectCreated:")
+
+    @property
+    def revision(self) -> str:
+        return self.version_id or self.etag or self.sequencer or ""
+
+    @property
+    def uri(self) -> str:
+        return f"s3://{self.bucket}/{self.key}"
+
+
+Status = Literal["submitted", "duplicate", "ignored"]
+
+
+@dataclass(frozen=True)
+class EventOutcome:
+    """What became of one object (for one rule, once a rule matched its location)."""
+
+    status: Status
+    image: str
+    reason: Optional[str] = None
+    rule: Optional[int] = None
+    task: Optional[str] = None
+    job_id: Optional[str] = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+def s3_records(event: Any) -> Iterator[dict[str, Any]]:
+    """The S3 records inside ``event``, whatever the envelope; ``InvalidPayload`` if it
+    is none of the known ones. S3's ``s3:TestEvent`` (sent when a notification is
+    configured) has none."""
+    if not isinstance(event, dict):
+        raise InvalidPayload(f"an event must be a JSON object, got {type(event).__name__}")
+    if event.get("Event") == TEST_EVENT:
+        return
+    if event.get("Type") == "Notification" and "Message" in event:  # SNS
+        yield from s3_records(_json(event["Message"], "SNS Message"))
+        return
+    records = event.get("Records")
+    if not isinstance(records, list):
+        raise InvalidPayload("not an S3 event notification: no Records list")
+    for record in records:
+        if not isinstance(record, dict):
+            raise InvalidPayload("an event record must be a JSON object")
+        if "s3" in record:
+            yield record
+        elif record.get("eventSource") == "aws:sqs" and "body" in record:  # Lambda SQS trigger
+            yield from s3_records(_json(record["body"], "SQS message body"))
+        elif isinstance(record.get("Sns"), dict):  # Lambda SNS trigger
+            yield from s3_records(_json(record["Sns"].get("Message"), "SNS Message"))
+        else:
+            raise InvalidPayload("event record is neither an S3 record nor an SQS/SNS envelope")
+
+
+def _json(text: Any, what: str) -> Any:
+    try:
+        return json.loads(text)
+    except (TypeError, ValueError) as err:
+        raise InvalidPayload(f"{what} is not JSON: {err}") from None
+
+
+def idempotency_key(obj: UploadedObject, task: str, rule_index: int) -> str:
+    parts = json.dumps([obj.bucket, obj.key, obj.revision, task, rule_index])
+    return "event:" + hashlib.sha256(parts.encode()).hexdigest()
+
+
+def handle_event(event: Any, client: "SegmentationClient", rules: list[EventRule]) -> list[EventOutcome]:
+    """Submit the jobs ``event`` calls for and say what became of each object.
+
+    Raises ``InvalidPayload`` for something that is not an S3 event. Faults that may pass
+    (Redis or the broker unreachable) propagate, so the event's sender delivers it again;
+    the jobs already submitted are then recognised as duplicates.
+    """
+    outcomes: list[EventOutcome] = []
+    for record in s3_records(event):
+        outcomes.extend(_handle_object(UploadedObject.from_record(record), client, rules))
+    return outcomes
+
+
+def _handle_object(obj: UploadedObject, client: "SegmentationClient", rules: list[EventRule]) -> list[EventOutcome]:
+    def ignored(reason: str, **kw: Any) -> EventOutcome:
+        return EventOutcome("ignored", obj.uri, reason, **kw)
+
+    if not obj.created:
+        return [ignored(f"not an object creation ({obj.event_name})")]
+    if obj.bucket == client.settings.output_bucket:
+        return [ignored("in the output bucket: segq never processes its own outputs")]
+    matching = [(i, rule) for i, rule in enumerate(rules) if rule.matches_location(obj.bucket, obj.key)]
+    if not matching:
+        return [ignored("no rule for this bucket and prefix")]
+    if any(rule.matches_suffix(obj.key) for _, rule in matching):
+        try:
+            client.storage.check_readable(S3Ref(bucket=obj.bucket, key=obj.key))
+        except SegqError as err:
+            return [ignored(f"{err.code}: {err.message}")]
+
+    outcomes = []
+    for index, rule in matching:
+        if not rule.matches_suffix(obj.key):
+            outcomes.append(ignored(f"not an image suffix ({', '.join(rule.suffixes)})", rule=index, task=rule.task))
+            continue
+        try:
+            job = client.submit(
+                rule.task, obj.uri, rule.prompt, version_id=obj.version_id,
+                idempotency_key=idempotency_key(obj, rule.task, index), **rule.options,
+            )  # fmt: skip
+        except SegqError as err:
+            if err.retryable:
+                raise
+            outcomes.append(ignored(f"{err.code}: {err.message}", rule=index, task=rule.task))
+            continue
+        status: Status = "submitted" if job.created else "duplicate"
+        log.info("%s %s job %s for %s (rule %d)", status, rule.task, job.id, obj.uri, index)
+        outcomes.append(EventOutcome(status, obj.uri, rule=index, task=rule.task, job_id=job.id))
+    return outcomes
+
+
+# --- adapters --------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=1)
+def _lambda_setup() -> tuple["SegmentationClient", list[EventRule]]:
+    from api_client.client import SegmentationClient
+
+    settings = get_settings()
+    return SegmentationClient(settings), load_rules(settings.event_rules)
+
+
+def lambda_handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
+    """AWS Lambda entry point for S3, SNS or SQS triggers; settings from ``SEGQ_*``.
+    The client is made once per Lambda container and reused by later invocations. An
+    exception fails the invocation, so Lambda retries it and idempotency dedupes."""
+    client, rules = _lambda_setup()
+    return {"outcomes": [o.to_dict() for o in handle_event(event, client, rules)]}
+
+
+class SqsPoller:
+    """Consume S3 events from an SQS queue (S3 -> SQS, or S3 -> SNS -> SQS).
+
+    A message is deleted only after its jobs are submitted: if this process dies, or
+    Redis is briefly away, the message comes back after the visibility timeout and
+    idempotency turns it into duplicates. A message that is not an S3 event is logged
+    and left alone, so the queue's redrive policy moves it to a dead-letter queue.
+    """
+
+    def __init__(
+        self,
+        queue_url: str,
+        client: "SegmentationClient",
+        rules: list[EventRule],
+        sqs_client: Any = None,
+        *,
+        wait_time_s: int = 20,
+    ) -> None:
+        if sqs_client is None:
+            import boto3
+
+            sqs_client = boto3.client("sqs", region_name=client.settings.s3_region)
+        self.queue_url = queue_url
+        self.client = client
+        self.rules = rules
+        self.sqs = sqs_client
+        self.wait_time_s = wait_time_s
+        self._stopping = threading.Event()
+
+    def stop(self) -> None:
+        """Finish the current receive and return from ``run``."""
+        self._stopping.set()
+
+    def run(self, max_messages: Optional[int] = None, stop_after: Optional[float] = None) -> int:
+        """Poll until ``stop()``, ``max_messages`` received or ``stop_after`` seconds;
+        returns the number of messages received."""
+        deadline = None if stop_after is None else time.monotonic() + stop_after
+        received = 0
+        while not self._stopping.is_set():
+            wait = self.wait_time_s
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                wait = min(wait, int(left))
+            batch = 10 if max_messages is None else min(10, max_messages - received)
+            if batch <= 0:
+                break
+            response = self.sqs.receive_message(
+                QueueUrl=self.queue_url, MaxNumberOfMessages=batch, WaitTimeSeconds=wait
+            )
+            for message in response.get("Messages", []):
+                received += 1
+                self.handle_message(message)
+        return received
+
+    def handle_message(self, message: dict[str, Any]) -> Optional[list[EventOutcome]]:
+        """Handle one SQS message; None if it was left on the queue."""
+        message_id = message.get("MessageId")
+        try:
+            outcomes = handle_event(_json(message.get("Body"), "SQS message body"), self.client, self.rules)
+        except InvalidPayload as err:
+            log.error("SQS message %s is not an S3 event, left for the dead-letter queue: %s", message_id, err)
+            return None
+        except Exception:  # noqa: BLE001  the poller outlives a Redis or broker outage
+            log.exception("SQS message %s not handled; it will be delivered again", message_id)
+            return None
+        self.sqs.delete_message(QueueUrl=self.queue_url, ReceiptHandle=message["ReceiptHandle"])
+        return outcomes
+
+
+def cmd_events_sqs(args: argparse.Namespace) -> int:
+    """``segq events sqs --queue-url URL``: poll until interrupted."""
+    import boto3
+
+    from api_client.client import SegmentationClient
+
+    settings = get_settings()
+    rules = load_rules(settings.event_rules)
+    if not rules:
+        raise InvalidConfig("no SEGQ_EVENT_RULES: every event would be ignored")
+    sqs = boto3.client("sqs", region_name=args.region or settings.s3_region, endpoint_url=args.endpoint_url)
+    poller = SqsPoller(args.queue_url, SegmentationClient(settings), rules, sqs)
+    log.info("polling %s with %d rule(s)", args.queue_url, len(rules))
+    poller.run(max_messages=args.max_messages)
+    return 0
