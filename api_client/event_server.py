@@ -23,9 +23,8 @@ import os
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any, Optional
 
-from api_client.events import EventRule, handle_event, load_rules
-from config.errors import InvalidConfig, InvalidPayload
-from config.settings import get_settings
+from api_client.events import EventRule, configured, handle_event
+from config.errors import InvalidPayload
 
 if TYPE_CHECKING:
     from api_client.client import SegmentationClient
@@ -117,10 +116,7 @@ def cmd_events_serve(args: argparse.Namespace) -> int:
     """``segq events serve``: serve until interrupted."""
     from api_client.client import SegmentationClient
 
-    settings = get_settings()
-    rules = load_rules(settings.event_rules)
-    if not rules:
-        raise InvalidConfig("no SEGQ_EVENT_RULES: every event would be ignored")
+    settings, rules = configured()
     # The environment keeps the token out of `ps` output.
     token = args.token or os.environ.get("SEGQ_EVENT_TOKEN")
     server = EventServer((args.host, args.port), SegmentationClient(settings), rules, token=token)

@@ -35,10 +35,11 @@ from typing import TYPE_CHECKING, Any, Iterator, Literal, Optional
 from urllib.parse import unquote_plus
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_settings import SettingsError
 
 from config.contract import S3Ref, parse_request
 from config.errors import InvalidConfig, InvalidPayload, SegqError
-from config.settings import get_settings
+from config.settings import Settings, get_settings
 
 if TYPE_CHECKING:
     from api_client.client import SegmentationClient
@@ -94,6 +95,19 @@ def load_rules(raw: list[dict[str, Any]]) -> list[EventRule]:
         except SegqError as err:
             raise InvalidConfig(f"SEGQ_EVENT_RULES[{index}] is invalid: {err}", rule=index) from None
     return rules
+
+
+def configured() -> tuple[Settings, list[EventRule]]:
+    """The environment's settings and event rules, for the entry points: ``InvalidConfig``
+    when either is malformed, or when there are no rules (every event would be ignored)."""
+    try:
+        settings = get_settings()
+    except SettingsError as err:
+        raise InvalidConfig(f"{err}: {err.__cause__}" if err.__cause__ else str(err)) from None
+    rules = load_rules(settings.event_rules)
+    if not rules:
+        raise InvalidConfig("no SEGQ_EVENT_RULES: every event would be ignored")
+    return settings, rules
 
 
 # --- events ----------------------------------------------------------------------------
@@ -253,8 +267,8 @@ def _handle_object(obj: UploadedObject, client: "SegmentationClient", rules: lis
 def _lambda_setup() -> tuple["SegmentationClient", list[EventRule]]:
     from api_client.client import SegmentationClient
 
-    settings = get_settings()
-    return SegmentationClient(settings), load_rules(settings.event_rules)
+    settings, rules = configured()
+    return SegmentationClient(settings), rules
 
 
 def lambda_handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
@@ -342,10 +356,7 @@ def cmd_events_sqs(args: argparse.Namespace) -> int:
 
     from api_client.client import SegmentationClient
 
-    settings = get_settings()
-    rules = load_rules(settings.event_rules)
-    if not rules:
-        raise InvalidConfig("no SEGQ_EVENT_RULES: every event would be ignored")
+    settings, rules = configured()
     sqs = boto3.client("sqs", region_name=args.region or settings.s3_region, endpoint_url=args.endpoint_url)
     poller = SqsPoller(args.queue_url, SegmentationClient(settings), rules, sqs)
     log.info("polling %s with %d rule(s)", args.queue_url, len(rules))

@@ -6,7 +6,12 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import socket
+import subprocess
+import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 from typing import Any, Iterator, Optional
@@ -453,3 +458,37 @@ def test_sqs_poller_submits_dedupes_and_deletes(
     # Everything handled was deleted; only the malformed message waits for the DLQ.
     assert (attrs["ApproximateNumberOfMessages"], attrs["ApproximateNumberOfMessagesNotVisible"]) == ("0", "1")
 
+
+
+def test_malformed_rules_in_the_environment_are_an_invalid_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SEGQ_EVENT_RULES", "[{not json")
+    get_settings.cache_clear()
+    try:
+        with pytest.raises(InvalidConfig, match="event_rules"):
+            events.configured()
+    finally:
+        get_settings.cache_clear()
+
+
+def test_segq_events_serve_command(settings: Settings, client: SegmentationClient) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "SEGQ_REDIS_URL": settings.redis_url, "SEGQ_EVENT_RULES": json.dumps(RULES[2:3]),
+           "SEGQ_EVENT_TOKEN": "cli-token"}  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-m", "api_client.cli", "events", "serve", "--port", str(port)], env=env)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        for _ in range(200):  # until it listens (imports take a moment), or it died
+            assert proc.poll() is None, "segq events serve exited"
+            try:
+                urllib.request.urlopen(url, timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        code, answer = post(url, json.dumps(aws_event(s3_record("clicks/cli.png"))).encode(), "cli-token")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+    assert code == 200 and answer["outcomes"][0]["status"] == "submitted"
+    assert client.status(answer["outcomes"][0]["job_id"]).image == f"s3://{BUCKET}/clicks/cli.png"
