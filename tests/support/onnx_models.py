@@ -18,6 +18,8 @@ label logic exactly without any weights (DESIGN.md section 5).
 DETR whose queries (``DETR_QUERIES``) predict fixed classes with known logits and masks
 covering known rectangles, in coordinates normalised to the image, at ``ceil(H/4) x
 ceil(W/4)`` of whatever input size it gets.
+
+The fixtures ``sam2_repo`` and ``detr_repo`` build each once per test session.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from typing import Optional
 
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 OPSET = 17
@@ -60,7 +63,7 @@ class DetrQuery:
 SKY, PERSON, CAR, BICYCLE, DOG, WALL = 187, 1, 3, 2, 18, 199
 DETR_QUERIES: tuple[DetrQuery, ...] = (
     # faint everywhere: claims the pixels nobody else wants, then fails the mask test -> 0
-    DetrQuery(WALL, 6.2, (-10, -10, 10, 10), cap=-3.0),
+    DetrQuery(WALL, 6.2, (-10, -10, 10, 10), cap=0.7),
     DetrQuery(DETR_NUM_LABELS, 12.0, (0.0, 0.0, 1.0, 1.0)),  # no-object: dropped
     # two overlapping skies: one segment. The first wins 0.5 / 0.55 of its area, over the
     # 0.8 overlap threshold; a larger overlap would drop it rather than fuse it.
@@ -341,3 +344,13 @@ def rename_io(path: Path, old: str, new: str) -> Path:
         node.output[:] = [new if x == old else x for x in node.output]
     onnx.save(model, str(path))
     return path
+
+
+@pytest.fixture(scope="session")
+def sam2_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_sam2_repo(tmp_path_factory.mktemp("sam2_repo"))
+
+
+@pytest.fixture(scope="session")
+def detr_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_detr_repo(tmp_path_factory.mktemp("detr_repo"))

@@ -1,0 +1,97 @@
+"""Sessions shared per process, providers, and the load_sam2 / load_detr factories."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from config.contract import Prompt
+from config.errors import ModelIncompatible, ModelNotAllowed, ModelNotFound, ModelUnavailable
+from config.settings import Settings
+from worker.inference import load_detr, load_sam2, preload
+from worker.inference.sessions import get_session, provider, require_io, usable_providers
+
+CPU = ["CPUExecutionProvider"]
+
+
+def test_one_session_per_file_providers_and_threads(sam2_repo: Path) -> None:
+    path = sam2_repo / "decoder.onnx"
+    a = get_session(path, Settings(providers=CPU, intra_op_threads=1))
+    assert get_session(sam2_repo / "." / "decoder.onnx", Settings(providers=CPU, intra_op_threads=1)) is a
+    b = get_session(path, Settings(providers=CPU, intra_op_threads=2))
+    assert b is not a
+    assert b.get_session_options().intra_op_num_threads == 2
+
+
+def test_unavailable_providers_are_skipped_and_the_one_in_use_is_logged(
+    sam2_repo: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="worker.inference")
+    wanted = ["NoSuchExecutionProvider", "CPUExecutionProvider"]
+    assert usable_providers(wanted) == ["CPUExecutionProvider"]
+    assert "NoSuchExecutionProvider" in caplog.text
+    session = get_session(sam2_repo / "encoder.onnx", Settings(providers=wanted, inter_op_threads=1))
+    assert provider(session) == "CPUExecutionProvider"
+    assert "encoder.onnx on CPUExecutionProvider" in caplog.text
+
+
+def test_require_io_names_everything_missing(sam2_repo: Path) -> None:
+    session = get_session(sam2_repo / "encoder.onnx", Settings(providers=CPU))
+    with pytest.raises(ModelIncompatible) as err:
+        require_io(session, inputs=["image", "pixels"], outputs=["image_embed", "feats"], model_name="enc")
+    message = err.value.message
+    assert "pixels" in message and "feats" in message and "high_res_feats_0" in message
+    assert err.value.details == {"missing_inputs": ["pixels"], "missing_outputs": ["feats"]}
+
+
+def test_unreadable_model_file_is_incompatible(tmp_path: Path) -> None:
+    (tmp_path / "encoder.onnx").write_bytes(b"not a model")
+    (tmp_path / "decoder.onnx").write_bytes(b"not a model")
+    with pytest.raises(ModelIncompatible, match="cannot load"):
+        load_sam2(Settings(sam2_dir=tmp_path, providers=CPU))
+
+
+def test_models_are_loaded_once_and_overrides_reuse_them(sam2_repo: Path, tmp_path: Path) -> None:
+    repo = shutil.copytree(sam2_repo, tmp_path / "sam2")
+    settings = Settings(sam2_dir=repo, providers=CPU)
+    model = load_sam2(settings)
+    assert load_sam2(settings) is model
+    assert load_sam2(Settings(sam2_dir=repo, providers=CPU)) is model  # equal settings
+    shutil.copy(repo / "decoder.onnx", repo / "decoder-copy.onnx")
+    other = load_sam2(settings, decoder_file="decoder-copy.onnx")
+    assert other is not model and other.encoder is model.encoder  # the session is shared
+    assert load_sam2(settings, decoder_file="decoder-copy.onnx") is other
+    assert preload(Settings(sam2_dir=repo, providers=CPU, load_models=["sam2"])) == {
+        "sam2": "CPUExecutionProvider"
+    }
+
+
+def test_bad_file_overrides(sam2_repo: Path, detr_repo: Path) -> None:
+    settings = Settings(sam2_dir=sam2_repo, detr_dir=detr_repo, providers=CPU, offline=True)
+    with pytest.raises(ModelNotFound, match="nope.onnx"):
+        load_sam2(settings, encoder_file="nope.onnx")
+    with pytest.raises(ModelNotAllowed):
+        load_sam2(settings, encoder_file="../detr_repo0/onnx/model.onnx")
+    with pytest.raises(ModelNotAllowed):
+        load_detr(settings, model_file="/etc/passwd")
+    with pytest.raises(ModelNotAllowed):
+        load_detr(settings, repo="someone/else")
+    # a revision names a hub version; offline and uncached, that is unavailable, with the fix
+    with pytest.raises(ModelUnavailable, match="SEGQ_SAM2_DIR"):
+        load_sam2(settings.model_copy(update={"hf_cache_dir": sam2_repo / "no-cache"}), revision="v2")
+
+
+def test_threads_share_one_model(sam2_repo: Path) -> None:
+    model = load_sam2(Settings(sam2_dir=sam2_repo, providers=CPU))
+    embedding = model.encode(Image.new("RGB", (320, 200), (1, 2, 3)))
+    points = [(float(x), float(y)) for x, y in zip(range(40, 300, 20), range(20, 200, 14))]
+    expected = [model.predict(embedding, Prompt(point=p))[0].mask for p in points]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda p: model.predict(embedding, Prompt(point=p))[0].mask, points))
+    assert all(np.array_equal(a, b) for a, b in zip(expected, got))
