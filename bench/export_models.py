@@ -36,6 +36,10 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from worker.inference.labels import COCO_PANOPTIC
+from worker.inference.sam2 import DECODER_OUTPUTS, EMBEDDING_NAMES, ENCODER_INPUT
+from worker.inference.transforms import IMAGENET_MEAN, IMAGENET_STD
+
 try:
     import torch
     from torch import nn
@@ -54,49 +58,18 @@ DETR_SIZE = (800, 1066)  # (H, W) a 640x480 photo becomes under shortest edge 80
 DETR_NUM_LABELS = 250  # logits have 251 columns; the last is "no object"
 DETR_KEPT_QUERIES = 8
 
-SAM2_ENCODER_OUTPUTS = ["high_res_feats_0", "high_res_feats_1", "image_embed"]
+# samexporter's input order (the worker feeds by name; the file lists them in this order)
 SAM2_DECODER_INPUTS = [
     "image_embed", "high_res_feats_0", "high_res_feats_1",
     "point_coords", "point_labels", "mask_input", "has_mask_input",
 ]
-SAM2_DECODER_OUTPUTS = ["masks", "iou_predictions"]
 DETR_INPUTS = ["pixel_values", "pixel_mask"]
 DETR_OUTPUTS = ["logits", "pred_boxes", "pred_masks"]
 
-# The COCO panoptic categories by id, as facebook/detr-resnet-50-panoptic's config.json (and
-# so Xenova's copy) names them; every other id in 0..249 is "N/A" there.
-COCO_PANOPTIC = {
-    1: "person", 2: "bicycle", 3: "car", 4: "motorcycle", 5: "airplane", 6: "bus", 7: "train",
-    8: "truck", 9: "boat", 10: "traffic light", 11: "fire hydrant", 13: "stop sign",
-    14: "parking meter", 15: "bench", 16: "bird", 17: "cat", 18: "dog", 19: "horse", 20: "sheep",
-    21: "cow", 22: "elephant", 23: "bear", 24: "zebra", 25: "giraffe", 27: "backpack",
-    28: "umbrella", 31: "handbag", 32: "tie", 33: "suitcase", 34: "frisbee", 35: "skis",
-    36: "snowboard", 37: "sports ball", 38: "kite", 39: "baseball bat", 40: "baseball glove",
-    41: "skateboard", 42: "surfboard", 43: "tennis racket", 44: "bottle", 46: "wine glass",
-    47: "cup", 48: "fork", 49: "knife", 50: "spoon", 51: "bowl", 52: "banana", 53: "apple",
-    54: "sandwich", 55: "orange", 56: "broccoli", 57: "carrot", 58: "hot dog", 59: "pizza",
-    60: "donut", 61: "cake", 62: "chair", 63: "couch", 64: "potted plant", 65: "bed",
-    67: "dining table", 70: "toilet", 72: "tv", 73: "laptop", 74: "mouse", 75: "remote",
-    76: "keyboard", 77: "cell phone", 78: "microwave", 79: "oven", 80: "toaster", 81: "sink",
-    82: "refrigerator", 84: "book", 85: "clock", 86: "vase", 87: "scissors", 88: "teddy bear",
-    89: "hair drier", 90: "toothbrush",
-    92: "banner", 93: "blanket", 95: "bridge", 100: "cardboard", 107: "counter", 109: "curtain",
-    112: "door-stuff", 118: "floor-wood", 119: "flower", 122: "fruit", 125: "gravel",
-    128: "house", 130: "light", 133: "mirror-stuff", 138: "net", 141: "pillow", 144: "platform",
-    145: "playingfield", 147: "railroad", 148: "river", 149: "road", 151: "roof", 154: "sand",
-    155: "sea", 156: "shelf", 159: "snow", 161: "stairs", 166: "tent", 168: "towel",
-    171: "wall-brick", 175: "wall-stone", 176: "wall-tile", 177: "wall-wood",
-    178: "water-other", 180: "window-blind", 181: "window-other", 184: "tree-merged",
-    185: "fence-merged", 186: "ceiling-merged", 187: "sky-other-merged", 188: "cabinet-merged",
-    189: "table-merged", 190: "floor-other-merged", 191: "pavement-merged",
-    192: "mountain-merged", 193: "grass-merged", 194: "dirt-merged", 195: "paper-merged",
-    196: "food-other-merged", 197: "building-other-merged", 198: "rock-merged",
-    199: "wall-other-merged", 200: "rug-merged",
-}
-
 
 def detr_id2label() -> dict[int, str]:
-    """The 250 labels of the public DETR panoptic config: COCO panoptic names, "N/A" gaps."""
+    """The 250 labels of facebook/detr-resnet-50-panoptic's config.json (and so of Xenova's
+    copy): the COCO panoptic names by category id, "N/A" for the ids no category has."""
     return {i: COCO_PANOPTIC.get(i, "N/A") for i in range(DETR_NUM_LABELS)}
 
 
@@ -143,7 +116,7 @@ def calibration_image(height: int, width: int, seed: int) -> np.ndarray:
         shape = draw.ellipse if rng.random() < 0.5 else draw.rectangle
         shape([int(x0), int(y0), int(x1) + 8, int(y1) + 8], fill=colour)
     pixels = np.asarray(img, dtype=np.float32) / 255.0
-    pixels = (pixels - (0.485, 0.456, 0.406)) / (0.229, 0.224, 0.225)
+    pixels = (pixels - IMAGENET_MEAN) / IMAGENET_STD
     return np.ascontiguousarray(pixels.transpose(2, 0, 1)[None], dtype=np.float32)
 
 
@@ -354,7 +327,7 @@ def export_sam2(
         report["export_s"] = {
             "encoder": _export_onnx(
                 Sam2Encoder(model).eval(), (image,), encoder_path,
-                inputs=["image"], outputs=SAM2_ENCODER_OUTPUTS, dynamic_axes={}, opset=SAM2_OPSET,
+                inputs=[ENCODER_INPUT], outputs=list(EMBEDDING_NAMES), dynamic_axes={}, opset=SAM2_OPSET,
             ),
         }
         prompts = {0: "num_labels", 1: "num_points"}
@@ -363,7 +336,7 @@ def export_sam2(
             (feats[2], feats[0], feats[1], torch.rand(1, 3, 2) * 1024, torch.ones(1, 3),
              torch.zeros(1, 1, 256, 256), torch.zeros(1)),
             decoder_path,
-            inputs=SAM2_DECODER_INPUTS, outputs=SAM2_DECODER_OUTPUTS, opset=SAM2_OPSET,
+            inputs=SAM2_DECODER_INPUTS, outputs=list(DECODER_OUTPUTS), opset=SAM2_OPSET,
             dynamic_axes={
                 "point_coords": prompts, "point_labels": prompts,
                 "mask_input": {0: "num_labels"}, "has_mask_input": {0: "num_labels"},
@@ -384,14 +357,14 @@ def _verify_sam2(
     each prompt kind against ``Sam2Model.forward``."""
     diffs: dict[str, Any] = {}
     outputs: dict[str, float] = {}
-    got = _ort_session(encoder_path).run(SAM2_ENCODER_OUTPUTS, {"image": image.numpy()})
-    for name, onnx_out, torch_out in zip(SAM2_ENCODER_OUTPUTS, got, feats):
+    got = _ort_session(encoder_path).run(list(EMBEDDING_NAMES), {ENCODER_INPUT: image.numpy()})
+    for name, onnx_out, torch_out in zip(EMBEDDING_NAMES, got, feats):
         diffs[f"encoder {name}"] = _max_abs(onnx_out, torch_out)
     decoder = _ort_session(decoder_path)
-    embeds = dict(zip(SAM2_ENCODER_OUTPUTS, (f.numpy() for f in feats)))
+    embeds = dict(zip(EMBEDDING_NAMES, (f.numpy() for f in feats)))
     for name, prompt in _sam2_prompts().items():
         coords, labels = prompt["onnx"]
-        masks, ious = decoder.run(SAM2_DECODER_OUTPUTS, {
+        masks, ious = decoder.run(list(DECODER_OUTPUTS), {
             **embeds,
             "point_coords": np.array([coords], np.float32),
             "point_labels": np.array([labels], np.float32),

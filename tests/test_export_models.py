@@ -1,0 +1,168 @@
+"""The model exporter (``bench.export_models``).
+
+A ``--tiny`` export (shrunken networks, same inputs and outputs) must give files with the
+exact names, shapes, IR version and opsets of the public exports, load in the worker through
+``SEGQ_SAM2_DIR`` / ``SEGQ_DETR_DIR``, match transformers' forward, and give non-degenerate
+outputs. The export needs torch and transformers, which the default test environment lacks:
+point ``SEGQ_EXPORT_PYTHON`` at an interpreter that has them (e.g. the refmodels venv) to run
+those tests, which are skipped otherwise. Without torch the command must say what to install.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from PIL import Image
+
+from config.settings import Settings
+from worker.inference import load_detr, load_sam2
+from worker.inference.labels import COCO_PANOPTIC
+
+ROOT = Path(__file__).resolve().parents[1]
+EXPORT_PYTHON = os.environ.get("SEGQ_EXPORT_PYTHON", sys.executable)
+
+
+def _has_export_deps(python: str) -> bool:
+    probe = "import importlib.util as u, sys; sys.exit(not (u.find_spec('torch') and u.find_spec('transformers')))"
+    return subprocess.run([python, "-c", probe], capture_output=True).returncode == 0
+
+
+def _run(python: str, *args: str, timeout: float) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(
+        [python, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory) -> Path:
+    if not _has_export_deps(EXPORT_PYTHON):
+        pytest.skip(f"{EXPORT_PYTHON} lacks torch/transformers; set SEGQ_EXPORT_PYTHON to run")
+    out = tmp_path_factory.mktemp("models")
+    done = _run(EXPORT_PYTHON, "-m", "bench.export_models", "--out", str(out), "--tiny", timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "max |onnxruntime - torch forward|" in done.stdout
+    return out
+
+
+def _session(path: Path) -> ort.InferenceSession:
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def _io(session: ort.InferenceSession) -> tuple[dict, dict]:
+    return (
+        {i.name: (i.type, i.shape) for i in session.get_inputs()},
+        {o.name: (o.type, o.shape) for o in session.get_outputs()},
+    )
+
+
+def test_sam2_files_have_the_samexporter_io(tiny_models):
+    encoder = _session(tiny_models / "sam2" / "encoder.onnx")
+    decoder = _session(tiny_models / "sam2" / "decoder.onnx")
+    enc_in, enc_out = _io(encoder)
+    assert enc_in == {"image": ("tensor(float)", [1, 3, 1024, 1024])}
+    assert list(enc_out) == ["high_res_feats_0", "high_res_feats_1", "image_embed"]
+    dec_in, dec_out = _io(decoder)
+    assert list(dec_in) == [
+        "image_embed", "high_res_feats_0", "high_res_feats_1",
+        "point_coords", "point_labels", "mask_input", "has_mask_input",
+    ]
+    assert list(dec_out) == ["masks", "iou_predictions"]
+
+    image = np.random.default_rng(0).standard_normal((1, 3, 1024, 1024)).astype(np.float32)
+    feats = dict(zip(enc_out, encoder.run(None, {"image": image})))
+    assert {k: v.shape for k, v in feats.items()} == {
+        "high_res_feats_0": (1, 32, 256, 256),
+        "high_res_feats_1": (1, 64, 128, 128),
+        "image_embed": (1, 256, 64, 64),
+    }
+    for points in (1, 4):  # the prompt length is dynamic
+        masks, ious = decoder.run(None, {
+            **feats,
+            "point_coords": np.full((1, points, 2), 500.0, np.float32),
+            "point_labels": np.ones((1, points), np.float32),
+            "mask_input": np.zeros((1, 1, 256, 256), np.float32),
+            "has_mask_input": np.zeros(1, np.float32),
+        })
+        assert masks.shape == (1, 3, 256, 256) and ious.shape == (1, 3)
+        assert np.abs(masks).max() <= 32.0  # clamped like the public decoder
+
+
+def test_detr_file_has_the_optimum_io(tiny_models):
+    session = _session(tiny_models / "detr" / "onnx" / "model.onnx")
+    inputs, outputs = _io(session)
+    assert list(inputs) == ["pixel_values", "pixel_mask"]
+    assert inputs["pixel_mask"][0] == "tensor(int64)" and inputs["pixel_mask"][1][1:] == [64, 64]
+    assert list(outputs) == ["logits", "pred_boxes", "pred_masks"]
+    for height, width in [(66, 97), (128, 96)]:  # any size; masks at ceil(H/4) x ceil(W/4)
+        logits, boxes, masks = session.run(None, {
+            "pixel_values": np.zeros((1, 3, height, width), np.float32),
+            "pixel_mask": np.ones((1, 64, 64), np.int64),
+        })
+        assert logits.shape == (1, 100, 251) and boxes.shape == (1, 100, 4)
+        assert masks.shape == (1, 100, -(-height // 4), -(-width // 4))
+
+
+def test_files_load_in_onnxruntime_gpu_builds(tiny_models):
+    limits = {"sam2/encoder.onnx": 17, "sam2/decoder.onnx": 17, "detr/onnx/model.onnx": 12}
+    for name, opset in limits.items():
+        model = onnx.load(str(tiny_models / name), load_external_data=False)
+        assert model.ir_version <= 10, name
+        assert {o.domain: o.version for o in model.opset_import}.get("", 0) == opset, name
+
+
+def test_detr_config_names_labels_like_the_public_one(tiny_models):
+    config = json.loads((tiny_models / "detr" / "config.json").read_text())
+    id2label = {int(k): v for k, v in config["id2label"].items()}
+    assert sorted(id2label) == list(range(250))
+    assert id2label[1] == "person" and id2label[187] == "sky-other-merged"
+    assert id2label[0] == id2label[12] == id2label[249] == "N/A"
+    assert {v for v in id2label.values() if v != "N/A"} == set(COCO_PANOPTIC.values())
+
+
+def test_export_matches_torch_and_is_not_degenerate(tiny_models):
+    sam2 = json.loads((tiny_models / "sam2" / "export.json").read_text())
+    detr = json.loads((tiny_models / "detr" / "export.json").read_text())
+    for report in (sam2, detr):
+        for key, diff in report["max_abs_diff"].items():
+            limit = 0 if "flips" in key else 5e-3
+            assert diff <= limit, (key, diff)
+    assert all(v > 2.0 for k, v in sam2["onnx_outputs"].items() if "mask logit std" in k)
+    assert detr["onnx_outputs"]["800x1066: queries scoring over 0.5"] == 8
+    assert (tiny_models / "sam2" / "hf" / "config.json").exists()  # the same weights for torch
+
+
+def test_worker_runs_the_exported_files(tiny_models):
+    settings = Settings(
+        sam2_dir=tiny_models / "sam2", detr_dir=tiny_models / "detr", offline=True,
+        providers=["CPUExecutionProvider"],
+    )
+    rng = np.random.default_rng(1)
+    image = Image.fromarray(rng.integers(0, 256, (90, 120, 3), dtype=np.uint8), "RGB")
+    sam2 = load_sam2(settings)
+    (best,) = sam2.predict(sam2.encode(image), None)
+    assert best.mask.shape == (90, 120) and best.mask.dtype == bool
+    result = load_detr(settings).predict(image)
+    assert result.segmentation.shape == (90, 120)
+    assert {s.label for s in result.segments} <= set(COCO_PANOPTIC.values())
+
+
+def test_without_torch_the_command_says_what_to_install(tmp_path):
+    # Hide torch even where it is installed: the message, not the environment, is under test.
+    hide_torch = (
+        "import runpy, sys; sys.modules['torch'] = None; "
+        "runpy.run_module('bench.export_models', run_name='__main__')"
+    )
+    done = _run(sys.executable, "-c", hide_torch, "--out", str(tmp_path / "m"), timeout=60)
+    assert done.returncode == 2
+    assert "pip install 'segq[export]'" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "m").exists()
