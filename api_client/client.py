@@ -30,6 +30,7 @@ from config.errors import JobCancelled, JobFailed, JobNotFound, JobTimeout
 from config.settings import Settings, get_settings
 from worker.status import StatusStore
 from worker.storage import Storage
+from worker.urlguard import check_url
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -108,6 +109,7 @@ class SegmentationClient:
         if version_id:
             payload["version_id"] = version_id
         if callback_url:
+            check_url(callback_url, allow_private=self.settings.webhook_allow_private)
             payload["callback_url"] = callback_url
         request = parse_request(payload, max_bytes=self.settings.max_payload_bytes)
         body = request.model_dump(mode="json", exclude_none=True)

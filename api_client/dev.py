@@ -84,8 +84,10 @@ def run_dev(*, image: Optional[str] = None, keep_running: bool = True, workdir: 
         if not workdir:
             stack.callback(shutil.rmtree, root, ignore_errors=True)
         _say("starting Redis and S3 (weed mini) on loopback ...")
-        redis = stack.enter_context(RedisServer(root / "redis"))
-        s3 = stack.enter_context(S3Server(root / "s3", access_key=access_key, secret_key=secret_key))
+        redis = stack.enter_context(RedisServer(data_dir=root / "redis"))
+        s3 = stack.enter_context(
+            S3Server(access_key=access_key, secret_key=secret_key, data_dir=root / "s3")
+        )
         env = {
             **os.environ,
             **s3.env(),

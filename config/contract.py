@@ -346,6 +346,7 @@ class JobStatus(BaseModel):
     result: Optional[dict[str, Any]] = None
     error: Optional[JobErrorInfo] = None
     timings: dict[str, float] = Field(default_factory=dict)
+    webhook: Optional[dict[str, Any]] = None
 
     @property
     def is_final(self) -> bool:

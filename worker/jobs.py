@@ -32,6 +32,7 @@ from worker import metrics
 from worker.imaging.masks import mask_from_png
 from worker.pipelines import JobOutput
 from worker.runtime import Runtime
+from worker.webhooks import deliver_for_job
 
 log = logging.getLogger("segq.worker")
 
@@ -86,7 +87,7 @@ def execute(runtime: Runtime, payload: Any, delivery: Delivery) -> Optional[dict
             f"the job was delivered {deliveries} times and its worker died each time; "
             f"giving up after {settings.max_deliveries} deliveries"
         )
-        _fail(runtime, job_id, request.task, err)
+        _fail(runtime, job_id, request.task, err, request.callback_url)
         log.error("job %s: %s", job_id, err)
         return None
 
@@ -99,26 +100,44 @@ def execute(runtime: Runtime, payload: Any, delivery: Delivery) -> Optional[dict
             metrics.RETRIES.labels(request.task, err.code).inc()
             log.warning("job %s: %s; retry %d in %.1fs", job_id, err, delivery.retries + 1, countdown)
             raise RetryLater(err, countdown) from err
-        _fail(runtime, job_id, request.task, err)
+        _fail(runtime, job_id, request.task, err, request.callback_url)
         log.info("job %s failed: %s", job_id, err)
         return None
     except SoftTimeLimitExceeded:
         limit = settings.soft_time_limit_s
-        _fail(runtime, job_id, request.task, JobTimeout(f"the job ran past its {limit}s time limit"))
+        err = JobTimeout(f"the job ran past its {limit}s time limit")
+        _fail(runtime, job_id, request.task, err, request.callback_url)
         return None
     except Exception as exc:  # noqa: BLE001  the worker must survive any single job
         log.exception("job %s crashed", job_id)
-        _fail(runtime, job_id, request.task, SegqError(f"{type(exc).__name__}: {exc}"))
+        err = SegqError(f"{type(exc).__name__}: {exc}")
+        _fail(runtime, job_id, request.task, err, request.callback_url)
         return None
 
-    status.succeed(job_id, result, timings)
+    final = status.succeed(job_id, result, timings)
     metrics.record_job(request.task, "succeeded", timings=timings)
+    _notify(runtime, final, request.callback_url)
     return result
 
 
-def _fail(runtime: Runtime, job_id: str, task: str, err: SegqError) -> None:
-    runtime.status.fail(job_id, err.code, err.message, err.details or None)
+def _fail(runtime: Runtime, job_id: str, task: str, err: SegqError, callback_url: Optional[str] = None) -> None:
+    final = runtime.status.fail(job_id, err.code, err.message, err.details or None)
     metrics.record_job(task, "failed", err.code)
+    _notify(runtime, final, callback_url)
+
+
+def _notify(runtime: Runtime, final: Optional[JobStatus], callback_url: Optional[str]) -> None:
+    """Webhooks go out on the runtime's own threads: a slow receiver must not hold a
+    worker slot, and the job's status is already final whatever the receiver does."""
+    if final is None or not callback_url:
+        return
+
+    def deliver() -> None:
+        outcome = deliver_for_job(runtime.settings, final, callback_url)
+        if outcome is not None:
+            runtime.status.record_webhook(final.job_id, outcome.to_dict())
+
+    runtime.background.submit(deliver)
 
 
 def _task_of(payload: Any) -> str:
@@ -201,7 +220,8 @@ def _read_mask(runtime: Runtime, uri: str):
 
     ref = S3Ref.parse(uri)
     runtime.storage.check_readable(ref)
-    return mask_from_png(runtime.storage.read(ref, max_bytes=runtime.settings.max_image_bytes).data)
+    data = runtime.storage.read(ref, max_bytes=runtime.settings.max_image_bytes).data
+    return mask_from_png(data, max_pixels=runtime.settings.max_image_pixels)
 
 
 def _ensure_record(runtime: Runtime, job_id: str, payload: Any) -> JobStatus:

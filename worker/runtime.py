@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from concurrent.futures import ThreadPoolExecutor
 import time
 from typing import Optional
 
@@ -29,6 +30,7 @@ class Runtime:
         self.providers: dict[str, str] = {}
         self.load_seconds: float = 0.0
         self.ready = False
+        self.background = ThreadPoolExecutor(max_workers=4, thread_name_prefix="segq-webhook")
 
     def load_models(self) -> None:
         """Create the sessions and run one warm inference per model, so the first job

@@ -207,6 +207,14 @@ class StatusStore:
 
         return self._transition(job_id, change)
 
+    def record_webhook(self, job_id: str, delivery: dict[str, Any]) -> JobStatus:
+        """Note the outcome of the job's webhook delivery (after it has ended)."""
+
+        def change(job: JobStatus, now: float) -> JobStatus:
+            return job.model_copy(update=dict(webhook=delivery))
+
+        return self._transition(job_id, change)
+
     # --- plumbing ------------------------------------------------------------------
 
     def _new(self, job_id: str, task: str, image: Optional[str]) -> JobStatus:
