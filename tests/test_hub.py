@@ -99,7 +99,9 @@ def hub(sam2_repo: Path, detr_repo: Path, monkeypatch: pytest.MonkeyPatch) -> It
     )
     server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(fake))
     fake.url = f"http://127.0.0.1:{server.server_address[1]}"
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread = threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+    )
     thread.start()
     monkeypatch.setenv("HF_ENDPOINT", fake.url)
     monkeypatch.setenv("NO_PROXY", "127.0.0.1")
@@ -133,7 +135,9 @@ def test_first_call_downloads_second_is_a_cache_hit(hub: FakeHub, hub_settings: 
     assert hub.gets("/encoder.onnx") == 1 and hub.gets("/decoder.onnx") == 1  # no new GET
 
 
-def test_offline_works_from_the_cache(hub: FakeHub, hub_settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_offline_works_from_the_cache(
+    hub: FakeHub, hub_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
     files = sam2_files(hub_settings)
     seen = len(hub.requests)
     assert sam2_files(hub_settings.model_copy(update={"offline": True})) == files
@@ -150,7 +154,13 @@ def test_offline_without_cache_says_how_to_fix_it(hub: FakeHub, hub_settings: Se
         sam2_files(hub_settings.model_copy(update={"offline": True}))
     message = err.value.message
     assert err.value.code == "model_unavailable" and "\n" not in message
-    for hint in ("encoder.onnx", DEFAULT_SAM2_REPO, "SEGQ_SAM2_DIR", "SEGQ_HF_CACHE_DIR", "segq download-models"):
+    for hint in (
+        "encoder.onnx",
+        DEFAULT_SAM2_REPO,
+        "SEGQ_SAM2_DIR",
+        "SEGQ_HF_CACHE_DIR",
+        "segq download-models",
+    ):
         assert hint in message
     assert hub.requests == []
 
@@ -174,7 +184,9 @@ def test_unknown_repo_file_and_revision_are_not_found(hub: FakeHub, hub_settings
     assert sam2_files(hub_settings, revision=COMMIT).encoder.is_file()  # a pinned commit works
 
 
-def test_disallowed_repo_is_refused_before_any_request(hub: FakeHub, hub_settings: Settings) -> None:
+def test_disallowed_repo_is_refused_before_any_request(
+    hub: FakeHub, hub_settings: Settings
+) -> None:
     with pytest.raises(ModelNotAllowed, match="someone/else"):
         load_sam2(hub_settings, repo="someone/else")
     assert hub.requests == []
@@ -186,14 +198,24 @@ def test_local_directory_needs_no_hub(
     monkeypatch.setenv("HF_ENDPOINT", closed_port_url())
     local = hub_settings.model_copy(update={"sam2_dir": sam2_repo, "detr_dir": detr_repo})
     assert download_models(local, progress=False) == {
-        "sam2": {"encoder": str(sam2_repo / "encoder.onnx"), "decoder": str(sam2_repo / "decoder.onnx")},
-        "detr": {"model": str(detr_repo / "onnx" / "model.onnx"), "config": str(detr_repo / "config.json")},
+        "sam2": {
+            "encoder": str(sam2_repo / "encoder.onnx"),
+            "decoder": str(sam2_repo / "decoder.onnx"),
+        },
+        "detr": {
+            "model": str(detr_repo / "onnx" / "model.onnx"),
+            "config": str(detr_repo / "config.json"),
+        },
     }
 
 
-def test_download_models_fills_the_cache_for_offline_workers(hub: FakeHub, hub_settings: Settings) -> None:
+def test_download_models_fills_the_cache_for_offline_workers(
+    hub: FakeHub, hub_settings: Settings
+) -> None:
     paths = download_models(hub_settings, progress=False)
-    assert set(paths) == {"sam2", "detr"} and all(Path(p).is_file() for m in paths.values() for p in m.values())
+    assert set(paths) == {"sam2", "detr"} and all(
+        Path(p).is_file() for m in paths.values() for p in m.values()
+    )
     seen = len(hub.requests)
     offline = hub_settings.model_copy(update={"offline": True})
     assert load_sam2(offline).provider == "CPUExecutionProvider"

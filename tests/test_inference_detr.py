@@ -14,14 +14,19 @@ from config.errors import ModelIncompatible
 from config.settings import Settings
 from tests.support.onnx_models import CAR, DETR_QUERIES, PERSON, SKY, DetrQuery, rename_io
 from worker.inference import DetrPanopticModel, PanopticResult, load_detr
-from worker.inference.detr import model_input_size
+from worker.inference.detr import model_input_size, postprocess
 from worker.inference.labels import COCO_PANOPTIC, COCO_STUFF, COCO_THINGS, load_labels
 
 SIZES = [(640, 427), (301, 517)]
 # transformers' reference.py list of COCO panoptic stuff ids (isthing == 0)
-STUFF_IDS = [92, 93, 95, 100, 107, 109, 112, 118, 119, 122, 125, 128, 130, 133, 138, 141, 144, 145, 147, 148,
-             149, 151, 154, 155, 156, 159, 161, 166, 168, 171, 175, 176, 177, 178, 180, 181, 184, 185, 186,
-             187, 188, 189, 190, 191, 192, 193, 194, 195, 196, 197, 198, 199, 200]  # fmt: skip
+# fmt: off
+STUFF_IDS = [
+    92, 93, 95, 100, 107, 109, 112, 118, 119, 122, 125, 128, 130, 133, 138, 141,
+    144, 145, 147, 148, 149, 151, 154, 155, 156, 159, 161, 166, 168, 171, 175, 176,
+    177, 178, 180, 181, 184, 185, 186, 187, 188, 189, 190, 191, 192, 193, 194, 195,
+    196, 197, 198, 199, 200
+]
+# fmt: on
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +70,9 @@ def assert_mask_is(actual: np.ndarray, expected: np.ndarray) -> None:
         ((4000, 3000), (1066, 800)),
     ],
 )
-def test_model_input_size_follows_transformers(size: tuple[int, int], expected: tuple[int, int]) -> None:
+def test_model_input_size_follows_transformers(
+    size: tuple[int, int], expected: tuple[int, int]
+) -> None:
     assert model_input_size(*size) == expected
 
 
@@ -115,7 +122,9 @@ def test_panoptic_segments(model: DetrPanopticModel, width: int, height: int) ->
         assert s.area == int((seg == s.id).sum())
     assigned = seg > 0
     assert assigned.sum() == sum(s.area for s in result.segments)  # no pixel in two segments
-    assert_mask_is(~assigned, ~np.any([rect_mask(q.rect, width, height) for q in DETR_QUERIES[2:7]], axis=0))
+    assert_mask_is(
+        ~assigned, ~np.any([rect_mask(q.rect, width, height) for q in DETR_QUERIES[2:7]], axis=0)
+    )
 
 
 def test_min_score_and_threshold(model: DetrPanopticModel) -> None:
@@ -130,16 +139,15 @@ def test_min_score_and_threshold(model: DetrPanopticModel) -> None:
 def test_postprocess_matches_transformers_on_a_tie_and_overlap() -> None:
     """Hand-made outputs: query 1 wins its pixels only where it beats query 0's weighted
     probability; with the overlap threshold above its share it is no segment at all."""
-    model = DetrPanopticModel.__new__(DetrPanopticModel)
-    model.id2label, model.thing_ids = {1: "person", 187: "sky"}, frozenset({1})
+    labels = {"id2label": {1: "person"}, "thing_ids": {1}}
     logits = np.full((2, 251), -20.0, np.float32)
     logits[0, 1] = logits[1, 1] = 10.0
     masks = np.full((2, 4, 4), -10.0, np.float32)
     masks[0, :, :2] = 10.0  # query 0: left half
     masks[1, :, 1:] = 10.0  # query 1: right three quarters, overlapping one column
-    result = model.postprocess(logits, masks, (4, 4), overlap_threshold=0.5)
+    result = postprocess(logits, masks, (4, 4), overlap_threshold=0.5, **labels)
     assert [s.id for s in result.segments] == [1, 2]
-    strict = model.postprocess(logits, masks, (4, 4), overlap_threshold=0.8)
+    strict = postprocess(logits, masks, (4, 4), overlap_threshold=0.8, **labels)
     assert [s.id for s in strict.segments] == [1]  # query 1 won only 2/3 of its pixels
     assert (strict.segmentation[:, 2:] == 0).all()
 
@@ -147,7 +155,9 @@ def test_postprocess_matches_transformers_on_a_tie_and_overlap() -> None:
 def test_pixel_mask_shape_comes_from_the_model(model: DetrPanopticModel) -> None:
     declared = {i.name: i.shape for i in model.session.get_inputs()}["pixel_mask"]
     assert declared[1:] == [64, 64]
-    assert model.predict(Image.new("RGB", (50, 70))).segments  # a mask of ones, else nothing is kept
+    assert model.predict(
+        Image.new("RGB", (50, 70))
+    ).segments  # a mask of ones, else nothing is kept
 
 
 def test_renamed_output_is_incompatible(detr_repo: Path, tmp_path: Path) -> None:
@@ -164,12 +174,16 @@ def test_coco_table() -> None:
     assert sorted(COCO_STUFF) == STUFF_IDS
     assert COCO_PANOPTIC[1] == "person" and COCO_PANOPTIC[90] == "toothbrush"
     assert COCO_PANOPTIC[184] == "tree-merged" and COCO_PANOPTIC[187] == "sky-other-merged"
-    assert COCO_PANOPTIC[200] == "rug-merged" and 12 not in COCO_PANOPTIC and 91 not in COCO_PANOPTIC
+    assert (
+        COCO_PANOPTIC[200] == "rug-merged" and 12 not in COCO_PANOPTIC and 91 not in COCO_PANOPTIC
+    )
 
 
 def test_load_labels_falls_back_to_coco(tmp_path: Path) -> None:
     config = tmp_path / "config.json"
-    config.write_text(json.dumps({"id2label": {"1": "human", "3": "LABEL_3", "12": "N/A", "211": "LABEL_211"}}))
+    config.write_text(
+        json.dumps({"id2label": {"1": "human", "3": "LABEL_3", "12": "N/A", "211": "LABEL_211"}})
+    )
     id2label, thing_ids = load_labels(config)
     assert id2label[1] == "human" and id2label[3] == "car" and id2label[187] == "sky-other-merged"
     assert id2label[211] == "LABEL_211" and id2label[12] == "N/A"
@@ -186,7 +200,7 @@ def test_no_config_json_means_coco_labels(tmp_path: Path) -> None:
 
     repo = build_detr_repo(tmp_path / "detr", queries=(DetrQuery(SKY, 9.0, (0.0, 0.0, 1.0, 0.5)),))
     (repo / "config.json").unlink()
-    result: PanopticResult = load_detr(Settings(detr_dir=repo, providers=["CPUExecutionProvider"])).predict(
-        Image.new("RGB", (100, 80))
-    )
+    result: PanopticResult = load_detr(
+        Settings(detr_dir=repo, providers=["CPUExecutionProvider"])
+    ).predict(Image.new("RGB", (100, 80)))
     assert [s.label for s in result.segments] == ["sky-other-merged"]

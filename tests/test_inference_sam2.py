@@ -63,7 +63,9 @@ def test_preprocess_stretches_rather_than_letterboxing(model: Sam2Model) -> None
 
 @pytest.mark.parametrize("width,height", SIZES)
 @pytest.mark.parametrize("fx,fy", [(0.5, 0.5), (0.2, 0.3), (0.8, 0.7), (0.33, 0.85)])
-def test_point_gives_a_mask_centred_on_it(model: Sam2Model, width: int, height: int, fx: float, fy: float) -> None:
+def test_point_gives_a_mask_centred_on_it(
+    model: Sam2Model, width: int, height: int, fx: float, fy: float
+) -> None:
     x, y = round(fx * width, 1), round(fy * height, 1)
     embedding = model.encode(noise_image(width, height))
     (best,) = model.predict(embedding, Prompt(point=(x, y)))
@@ -87,7 +89,9 @@ def test_box_mask_covers_the_box(model: Sam2Model, width: int, height: int) -> N
     inner = np.zeros((height, width), bool)
     inner[int(np.ceil(y)) + 1 : int(y + h) - 1, int(np.ceil(x)) + 1 : int(x + w) - 1] = True
     outer = np.zeros((height, width), bool)
-    outer[max(int(y) - 1, 0) : int(np.ceil(y + h)) + 1, max(int(x) - 1, 0) : int(np.ceil(x + w)) + 1] = True
+    outer[
+        max(int(y) - 1, 0) : int(np.ceil(y + h)) + 1, max(int(x) - 1, 0) : int(np.ceil(x + w)) + 1
+    ] = True
     assert best.mask[inner].all(), "the mask must cover the box"
     assert not best.mask[~outer].any(), "the mask must not spill out of the box"
 
@@ -102,7 +106,9 @@ def test_multimask_returns_all_candidates_best_first(model: Sam2Model) -> None:
     # candidate 2 is the complement of candidate 0 (away from the exact zero crossing)
     assert (masks[0].mask & masks[2].mask).sum() == 0
 
-    boxed = model.predict(embedding, Prompt(box=(100, 100, 200, 150), point=(200, 170)), multimask=True)
+    boxed = model.predict(
+        embedding, Prompt(box=(100, 100, 200, 150), point=(200, 170)), multimask=True
+    )
     assert [m.index for m in boxed] == [1, 0, 2]
     assert [m.score for m in boxed] == sorted((m.score for m in boxed), reverse=True)
 
@@ -110,7 +116,10 @@ def test_multimask_returns_all_candidates_best_first(model: Sam2Model) -> None:
 def test_min_score_filters_candidates(model: Sam2Model) -> None:
     embedding = model.encode(noise_image(640, 427))
     prompt = Prompt(point=(300, 200))
-    assert [m.index for m in model.predict(embedding, prompt, multimask=True, min_score=0.25)] == [0, 1]
+    assert [m.index for m in model.predict(embedding, prompt, multimask=True, min_score=0.25)] == [
+        0,
+        1,
+    ]
     assert model.predict(embedding, prompt, multimask=True, min_score=0.99) == []
     assert [m.index for m in model.predict(embedding, prompt, min_score=0.5)] == [0]
     assert model.predict(embedding, prompt, min_score=0.51) == []

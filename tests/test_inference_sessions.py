@@ -23,7 +23,10 @@ CPU = ["CPUExecutionProvider"]
 def test_one_session_per_file_providers_and_threads(sam2_repo: Path) -> None:
     path = sam2_repo / "decoder.onnx"
     a = get_session(path, Settings(providers=CPU, intra_op_threads=1))
-    assert get_session(sam2_repo / "." / "decoder.onnx", Settings(providers=CPU, intra_op_threads=1)) is a
+    assert (
+        get_session(sam2_repo / "." / "decoder.onnx", Settings(providers=CPU, intra_op_threads=1))
+        is a
+    )
     b = get_session(path, Settings(providers=CPU, intra_op_threads=2))
     assert b is not a
     assert b.get_session_options().intra_op_num_threads == 2
@@ -36,7 +39,9 @@ def test_unavailable_providers_are_skipped_and_the_one_in_use_is_logged(
     wanted = ["NoSuchExecutionProvider", "CPUExecutionProvider"]
     assert usable_providers(wanted) == ["CPUExecutionProvider"]
     assert "NoSuchExecutionProvider" in caplog.text
-    session = get_session(sam2_repo / "encoder.onnx", Settings(providers=wanted, inter_op_threads=1))
+    session = get_session(
+        sam2_repo / "encoder.onnx", Settings(providers=wanted, inter_op_threads=1)
+    )
     assert provider(session) == "CPUExecutionProvider"
     assert "encoder.onnx on CPUExecutionProvider" in caplog.text
 
@@ -44,7 +49,9 @@ def test_unavailable_providers_are_skipped_and_the_one_in_use_is_logged(
 def test_require_io_names_everything_missing(sam2_repo: Path) -> None:
     session = get_session(sam2_repo / "encoder.onnx", Settings(providers=CPU))
     with pytest.raises(ModelIncompatible) as err:
-        require_io(session, inputs=["image", "pixels"], outputs=["image_embed", "feats"], model_name="enc")
+        require_io(
+            session, inputs=["image", "pixels"], outputs=["image_embed", "feats"], model_name="enc"
+        )
     message = err.value.message
     assert "pixels" in message and "feats" in message and "high_res_feats_0" in message
     assert err.value.details == {"missing_inputs": ["pixels"], "missing_outputs": ["feats"]}
@@ -84,7 +91,9 @@ def test_bad_file_overrides(sam2_repo: Path, detr_repo: Path) -> None:
         load_detr(settings, repo="someone/else")
     # a revision names a hub version; offline and uncached, that is unavailable, with the fix
     with pytest.raises(ModelUnavailable, match="SEGQ_SAM2_DIR"):
-        load_sam2(settings.model_copy(update={"hf_cache_dir": sam2_repo / "no-cache"}), revision="v2")
+        load_sam2(
+            settings.model_copy(update={"hf_cache_dir": sam2_repo / "no-cache"}), revision="v2"
+        )
 
 
 def test_threads_share_one_model(sam2_repo: Path) -> None:

@@ -30,7 +30,13 @@ def reference_bilinear(x: np.ndarray, height: int, width: int) -> np.ndarray:
 
 @pytest.mark.parametrize(
     "in_shape,out_shape",
-    [((16, 16), (75, 43)), ((16, 16), (43, 75)), ((9, 13), (9, 13)), ((20, 30), (7, 11)), ((5, 7), (64, 3))],
+    [
+        ((16, 16), (75, 43)),
+        ((16, 16), (43, 75)),
+        ((9, 13), (9, 13)),
+        ((20, 30), (7, 11)),
+        ((5, 7), (64, 3)),
+    ],
 )
 def test_matches_the_reference(in_shape: tuple[int, int], out_shape: tuple[int, int]) -> None:
     x = np.random.default_rng(1).uniform(-1, 1, in_shape).astype(np.float32)

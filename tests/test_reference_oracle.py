@@ -21,6 +21,7 @@ from PIL import Image
 from config.contract import Prompt
 from config.settings import Settings
 from worker.inference import DetrPanopticModel, Sam2Embedding, Sam2Model, load_detr, load_sam2
+from worker.inference.detr import postprocess
 
 REF = Path("/tmp/refmodels/out")
 IMAGE = REF / "ref" / "synthetic640x480.png"
@@ -33,7 +34,9 @@ MAKE_DETR_ORACLE = (
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(not (REF / "sam2" / "encoder.onnx").is_file(), reason=f"no reference models in {REF}"),
+    pytest.mark.skipif(
+        not (REF / "sam2" / "encoder.onnx").is_file(), reason=f"no reference models in {REF}"
+    ),
 ]
 
 
@@ -81,7 +84,9 @@ def as_prompt(spec: dict) -> Optional[Prompt]:
     return Prompt(**fields)
 
 
-def test_sam2_preprocessing_and_embedding(sam2: Sam2Model, image: Image.Image, sam2_embedding: Sam2Embedding) -> None:
+def test_sam2_preprocessing_and_embedding(
+    sam2: Sam2Model, image: Image.Image, sam2_embedding: Sam2Embedding
+) -> None:
     ref, _ = oracle(SAM2_ORACLE)
     np.testing.assert_allclose(sam2.preprocess(image), ref["pixel_values"], atol=1e-5)
     for name, array in sam2_embedding.features.items():
@@ -90,7 +95,9 @@ def test_sam2_preprocessing_and_embedding(sam2: Sam2Model, image: Image.Image, s
 
 def test_sam2_masks_match_the_oracle(sam2: Sam2Model, sam2_embedding: Sam2Embedding) -> None:
     ref, meta = oracle(SAM2_ORACLE)
-    assert len(meta["prompts"]) == 5  # centre, point, points with a background one, box, box + point
+    assert (
+        len(meta["prompts"]) == 5
+    )  # centre, point, points with a background one, box, box + point
     for i, entry in enumerate(meta["prompts"]):
         prompt = as_prompt(entry["prompt"])
         coords, labels = sam2.prompt_arrays(prompt, *sam2_embedding.image_size)
@@ -101,7 +108,9 @@ def test_sam2_masks_match_the_oracle(sam2: Sam2Model, sam2_embedding: Sam2Embedd
         oracle_masks = ref[f"p{i}_masks_from_clamped"][0]
         for c in candidates:
             assert abs(c.score - ref[f"p{i}_iou_scores"][0, c.index]) < 1e-5
-            np.testing.assert_allclose(c.logits_lowres, ref[f"p{i}_low_res_logits_clamped"][0, c.index], atol=1e-3)
+            np.testing.assert_allclose(
+                c.logits_lowres, ref[f"p{i}_low_res_logits_clamped"][0, c.index], atol=1e-3
+            )
             assert (c.mask != oracle_masks[c.index]).sum() <= 5, f"prompt {i} candidate {c.index}"
 
         (best,) = sam2.predict(sam2_embedding, prompt)
@@ -132,9 +141,15 @@ def test_detr_panoptic_matches_the_oracle(detr: DetrPanopticModel, image: Image.
     assert (result.segmentation != ref["stuff_segmentation"]).sum() <= 20
 
     # the postprocessing alone, on the oracle's own model outputs
-    alone = detr.postprocess(ref["logits"][0], ref["pred_masks"][0], image.size)
+    labels = {"id2label": detr.id2label, "thing_ids": detr.thing_ids}
+    alone = postprocess(ref["logits"][0], ref["pred_masks"][0], image.size, **labels)
     assert (alone.segmentation != ref["stuff_segmentation"]).sum() <= 5
-    loose = detr.postprocess(
-        ref["logits"][0], ref["pred_masks"][0], image.size, threshold=0.3, overlap_threshold=0.5
+    loose = postprocess(
+        ref["logits"][0],
+        ref["pred_masks"][0],
+        image.size,
+        threshold=0.3,
+        overlap_threshold=0.5,
+        **labels,
     )
     assert (loose.segmentation != ref["loose_segmentation"]).sum() <= 5

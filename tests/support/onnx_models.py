@@ -104,10 +104,20 @@ def sam2_encoder_graph() -> onnx.GraphProto:
     n = helper.make_node
     nodes = [n("ReduceMean", ["image"], ["gray"], axes=[1], keepdims=1)]
     outputs = []
-    for name, channels, stride in (("high_res_feats_0", 32, 4), ("high_res_feats_1", 64, 8), ("image_embed", 256, 16)):
+    for name, channels, stride in (
+        ("high_res_feats_0", 32, 4),
+        ("high_res_feats_1", 64, 8),
+        ("image_embed", 256, 16),
+    ):
         grid = 1024 // stride
         nodes += [
-            n("AveragePool", ["gray"], [f"{name}_pooled"], kernel_shape=[stride, stride], strides=[stride, stride]),
+            n(
+                "AveragePool",
+                ["gray"],
+                [f"{name}_pooled"],
+                kernel_shape=[stride, stride],
+                strides=[stride, stride],
+            ),
             n("Expand", [f"{name}_pooled", f"{name}_shape"], [name]),
         ]
         outputs.append(_f32(name, [1, channels, grid, grid]))
@@ -116,7 +126,9 @@ def sam2_encoder_graph() -> onnx.GraphProto:
         _const("high_res_feats_1_shape", np.array([1, 64, 128, 128], np.int64)),
         _const("image_embed_shape", np.array([1, 256, 64, 64], np.int64)),
     ]
-    return helper.make_graph(nodes, "sam2_encoder", [_f32("image", [1, 3, 1024, 1024])], outputs, inits)
+    return helper.make_graph(
+        nodes, "sam2_encoder", [_f32("image", [1, 3, 1024, 1024])], outputs, inits
+    )
 
 
 def sam2_decoder_graph() -> onnx.GraphProto:
@@ -209,7 +221,10 @@ def sam2_decoder_graph() -> onnx.GraphProto:
         _f32("mask_input", ["num_labels", 1, 256, 256]),
         _f32("has_mask_input", ["num_labels"]),
     ]
-    outputs = [_f32("masks", ["num_labels", 3, 256, 256]), _f32("iou_predictions", ["num_labels", 3])]
+    outputs = [
+        _f32("masks", ["num_labels", 3, 256, 256]),
+        _f32("iou_predictions", ["num_labels", 3]),
+    ]
     return helper.make_graph(nodes, "sam2_decoder", inputs, outputs, inits)
 
 
@@ -268,7 +283,10 @@ def detr_graph(queries: tuple[DetrQuery, ...] = DETR_QUERIES) -> onnx.GraphProto
         n("Mul", ["logits_value", "mask_min_f"], ["logits"]),
         n("Identity", ["boxes_value"], ["pred_boxes"]),
     ]
-    for axis, index, lo, hi, unsq in (("y", "i2", "y0", "y1", "axis_hw"), ("x", "i3", "x0", "x1", None)):
+    for axis, index, lo, hi, unsq in (
+        ("y", "i2", "y0", "y1", "axis_hw"),
+        ("x", "i3", "x0", "x1", None),
+    ):
         nodes += [
             n("Gather", ["input_shape", index], [f"{axis}_in"], axis=0),
             n("Add", [f"{axis}_in", "i3"], [f"{axis}_ceil_num"]),

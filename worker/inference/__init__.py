@@ -44,12 +44,23 @@ def load_sam2(
     decoder_file: Optional[str] = None,
     revision: Optional[str] = None,
 ) -> Sam2Model:
-    request = ("sam2", _source_settings(settings, "sam2"), repo, encoder_file, decoder_file, revision)
+    request = (
+        "sam2",
+        _source_settings(settings, "sam2"),
+        repo,
+        encoder_file,
+        decoder_file,
+        revision,
+    )
     files: Sam2Files = _remember(
         _files,
         request,
         lambda: sam2_files(
-            settings, repo=repo, encoder_file=encoder_file, decoder_file=decoder_file, revision=revision
+            settings,
+            repo=repo,
+            encoder_file=encoder_file,
+            decoder_file=decoder_file,
+            revision=revision,
         ),
     )
     return _remember(
@@ -73,12 +84,16 @@ def load_detr(
 ) -> DetrPanopticModel:
     request = ("detr", _source_settings(settings, "detr"), repo, model_file, revision)
     files: DetrFiles = _remember(
-        _files, request, lambda: detr_files(settings, repo=repo, model_file=model_file, revision=revision)
+        _files,
+        request,
+        lambda: detr_files(settings, repo=repo, model_file=model_file, revision=revision),
     )
 
     def load() -> DetrPanopticModel:
         id2label, thing_ids = load_labels(files.config)
-        return DetrPanopticModel(get_session(files.model, settings), id2label, thing_ids, name=str(files.model))
+        return DetrPanopticModel(
+            get_session(files.model, settings), id2label, thing_ids, name=str(files.model)
+        )
 
     return _remember(_models, (files, *_runtime_settings(settings)), load)
 
@@ -111,4 +126,9 @@ def _source_settings(settings: Settings, model: str) -> tuple:
 
 
 def _runtime_settings(settings: Settings) -> tuple:
-    return tuple(settings.providers), settings.intra_op_threads, settings.inter_op_threads, settings.max_points
+    return (
+        tuple(settings.providers),
+        settings.intra_op_threads,
+        settings.inter_op_threads,
+        settings.max_points,
+    )

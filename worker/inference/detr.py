@@ -55,7 +55,9 @@ class PanopticResult:
         return self.segmentation == segment_id
 
 
-def model_input_size(width: int, height: int, shortest: int = SHORTEST_EDGE, longest: int = LONGEST_EDGE) -> tuple[int, int]:
+def model_input_size(
+    width: int, height: int, shortest: int = SHORTEST_EDGE, longest: int = LONGEST_EDGE
+) -> tuple[int, int]:
     """``(width, height)`` to resize to: shortest edge ``shortest`` unless the longest would
     pass ``longest``; transformers' ``get_size_with_aspect_ratio`` arithmetic, truncation
     included (640x480 -> 1066x800)."""
@@ -79,7 +81,9 @@ class DetrPanopticModel:
         *,
         name: str = "detr",
     ) -> None:
-        require_io(session, inputs=["pixel_values"], outputs=["logits", "pred_masks"], model_name=name)
+        require_io(
+            session, inputs=["pixel_values"], outputs=["logits", "pred_masks"], model_name=name
+        )
         self.session = session
         self.id2label = dict(id2label)
         self.thing_ids = frozenset(thing_ids)
@@ -111,85 +115,98 @@ class DetrPanopticModel:
             shape = input_shape(self.session, "pixel_mask", (1, *pixel_values.shape[2:]))
             feeds["pixel_mask"] = np.ones(shape, np.int64)
         logits, pred_masks = self.session.run(["logits", "pred_masks"], feeds)
-        return self.postprocess(
+        return postprocess(
             logits[0],
             pred_masks[0],
             image.size,
+            id2label=self.id2label,
+            thing_ids=self.thing_ids,
             threshold=threshold,
             mask_threshold=mask_threshold,
             overlap_threshold=overlap_threshold,
             min_score=min_score,
         )
 
-    def postprocess(
-        self,
-        logits: np.ndarray,
-        pred_masks: np.ndarray,
-        size: tuple[int, int],
-        *,
-        threshold: float = 0.5,
-        mask_threshold: float = 0.5,
-        overlap_threshold: float = 0.8,
-        min_score: Optional[float] = None,
-    ) -> PanopticResult:
-        """Segments at ``size`` (width, height) from one image's ``logits`` ``[Q, C+1]``
-        (last class: no-object) and ``pred_masks`` ``[Q, h, w]`` (mask logits)."""
-        width, height = size
-        probs = _softmax(logits.astype(np.float32))
-        scores, labels = probs.max(-1), probs.argmax(-1)
-        kept = np.flatnonzero((labels != logits.shape[-1] - 1) & (scores > threshold))
-        if kept.size == 0:
-            return PanopticResult(np.zeros((height, width), np.int32), [])
 
-        # owner: index into ``kept`` of the query that wins each pixel (first one on ties)
-        owner = np.zeros((height, width), np.min_scalar_type(kept.size))
-        best = None
-        confident = []
-        for k, query in enumerate(kept):
-            weighted = resize_bilinear(_sigmoid(pred_masks[query]), height, width)
-            weighted *= scores[query]
-            confident.append(np.count_nonzero(weighted >= mask_threshold))
-            if best is None:
-                best = weighted
-            else:
-                owner[weighted > best] = k
-                np.maximum(best, weighted, out=best)
-        won = np.bincount(owner.ravel(), minlength=kept.size)
+def postprocess(
+    logits: np.ndarray,
+    pred_masks: np.ndarray,
+    size: tuple[int, int],
+    *,
+    id2label: Mapping[int, str],
+    thing_ids: Collection[int],
+    threshold: float = 0.5,
+    mask_threshold: float = 0.5,
+    overlap_threshold: float = 0.8,
+    min_score: Optional[float] = None,
+) -> PanopticResult:
+    """Segments at ``size`` (width, height) from one image's ``logits`` ``[Q, C+1]`` (last
+    class: no-object) and ``pred_masks`` ``[Q, h, w]`` (mask logits)."""
+    width, height = size
+    probs = _softmax(logits.astype(np.float32))
+    scores, labels = probs.max(-1), probs.argmax(-1)
+    kept = np.flatnonzero((labels != logits.shape[-1] - 1) & (scores > threshold))
+    if kept.size == 0:
+        return PanopticResult(np.zeros((height, width), np.int32), [])
+    scores, labels = scores[kept], labels[kept]
+    owner, confident = _assign_pixels(pred_masks[kept], scores, height, width, mask_threshold)
+    won = np.bincount(owner.ravel(), minlength=kept.size)
 
-        segment_of = np.zeros(kept.size, np.int32)  # per kept query; 0 = not a segment
-        stuff_segment: dict[int, int] = {}
-        parts: dict[int, list[int]] = {}
-        for k, query in enumerate(kept):
-            if not (won[k] > 0 and confident[k] > 0 and won[k] / confident[k] > overlap_threshold):
-                continue
-            if min_score is not None and scores[query] < min_score:
-                continue
-            label_id = int(labels[query])
-            fuse = label_id not in self.thing_ids
-            segment_id = stuff_segment.get(label_id) if fuse else None
-            if segment_id is None:
-                segment_id = len(parts) + 1
-                if fuse:
-                    stuff_segment[label_id] = segment_id
-            segment_of[k] = segment_id
-            parts.setdefault(segment_id, []).append(k)
+    segment_of = np.zeros(kept.size, np.int32)  # per kept query; 0 = not a segment
+    stuff_segment: dict[int, int] = {}
+    parts: dict[int, list[int]] = {}
+    for k in range(kept.size):
+        if not (won[k] > 0 and confident[k] > 0 and won[k] / confident[k] > overlap_threshold):
+            continue
+        if min_score is not None and scores[k] < min_score:
+            continue
+        label_id = int(labels[k])
+        fuse = label_id not in thing_ids
+        segment_id = stuff_segment.get(label_id) if fuse else None
+        if segment_id is None:
+            segment_id = len(parts) + 1
+            if fuse:
+                stuff_segment[label_id] = segment_id
+        segment_of[k] = segment_id
+        parts.setdefault(segment_id, []).append(k)
 
-        segmentation = segment_of[owner]
-        segments = []
-        for segment_id, ks in parts.items():
-            label_id = int(labels[kept[ks[0]]])
-            segments.append(
-                PanopticSegment(
-                    id=segment_id,
-                    label_id=label_id,
-                    label=label_name(label_id, self.id2label),
-                    score=float(max(scores[kept[k]] for k in ks)),
-                    isthing=label_id in self.thing_ids,
-                    area=int(sum(won[k] for k in ks)),
-                    bbox=_bbox(segmentation == segment_id),
-                )
+    segmentation = segment_of[owner]
+    segments = []
+    for segment_id, ks in parts.items():
+        label_id = int(labels[ks[0]])
+        segments.append(
+            PanopticSegment(
+                id=segment_id,
+                label_id=label_id,
+                label=label_name(label_id, id2label),
+                score=float(scores[ks].max()),
+                isthing=label_id in thing_ids,
+                area=int(won[ks].sum()),
+                bbox=_bbox(segmentation == segment_id),
             )
-        return PanopticResult(segmentation, segments)
+        )
+    return PanopticResult(segmentation, segments)
+
+
+def _assign_pixels(
+    mask_logits: np.ndarray, scores: np.ndarray, height: int, width: int, mask_threshold: float
+) -> tuple[np.ndarray, list[int]]:
+    """For each pixel, the index of the query whose score-weighted mask probability is
+    highest there (the first on ties, like argmax); and for each query, how many pixels
+    reach ``mask_threshold``. One query's full-size plane at a time."""
+    owner = np.zeros((height, width), np.min_scalar_type(len(scores)))
+    best: Optional[np.ndarray] = None
+    confident = []
+    for k, (logits, score) in enumerate(zip(mask_logits, scores)):
+        weighted = resize_bilinear(_sigmoid(logits), height, width)
+        weighted *= score
+        confident.append(int(np.count_nonzero(weighted >= mask_threshold)))
+        if best is None:
+            best = weighted
+        else:
+            owner[weighted > best] = k
+            np.maximum(best, weighted, out=best)
+    return owner, confident
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:

@@ -73,9 +73,14 @@ def model_source(
     if repo is None and revision is None and local_dir is not None:
         return ModelSource(repo=default_repo, local_dir=Path(local_dir))
     repo = repo or default_repo
-    if repo != default_repo and "*" not in settings.allowed_repos and repo not in settings.allowed_repos:
+    if (
+        repo != default_repo
+        and "*" not in settings.allowed_repos
+        and repo not in settings.allowed_repos
+    ):
         raise ModelNotAllowed(
-            f"model repo {repo!r} is not allowed here; allowed: {', '.join(settings.allowed_repos)}",
+            f"model repo {repo!r} is not allowed here; "
+            f"allowed: {', '.join(settings.allowed_repos)}",
             repo=repo,
         )
     return ModelSource(repo=repo, revision=revision or getattr(settings, f"{model}_revision"))
@@ -149,8 +154,12 @@ def sam2_files(
 ) -> Sam2Files:
     source = model_source(settings, "sam2", repo=repo, revision=revision)
     return Sam2Files(
-        encoder=fetch(source, encoder_file or settings.sam2_encoder_file, settings, progress=progress),
-        decoder=fetch(source, decoder_file or settings.sam2_decoder_file, settings, progress=progress),
+        encoder=fetch(
+            source, encoder_file or settings.sam2_encoder_file, settings, progress=progress
+        ),
+        decoder=fetch(
+            source, decoder_file or settings.sam2_decoder_file, settings, progress=progress
+        ),
     )
 
 
@@ -167,7 +176,9 @@ def detr_files(
     try:
         config = fetch(source, settings.detr_config_file, settings, progress=progress)
     except ModelNotFound:
-        log.warning("%s has no %s; DETR labels come from the COCO table", source, settings.detr_config_file)
+        log.warning(
+            "%s has no %s; DETR labels come from the COCO table", source, settings.detr_config_file
+        )
         config = None
     return DetrFiles(model=model, config=config)
 
@@ -192,9 +203,16 @@ def download_models(
 def _check_relative(filename: str) -> None:
     parts = PurePosixPath(filename).parts
     if not filename or filename.startswith(("/", "\\")) or ".." in parts or "\\" in filename:
-        raise ModelNotAllowed(f"model file name {filename!r} must be a relative path inside the repo")
+        raise ModelNotAllowed(
+            f"model file name {filename!r} must be a relative path inside the repo"
+        )
 
 
 def _env_offline() -> bool:
     # huggingface_hub reads HF_HUB_OFFLINE once at import; a later change still counts here.
-    return is_offline_mode() or os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
+    return is_offline_mode() or os.environ.get("HF_HUB_OFFLINE", "").upper() in {
+        "1",
+        "ON",
+        "YES",
+        "TRUE",
+    }

@@ -15,6 +15,7 @@ from typing import Optional
 
 from config.errors import ModelIncompatible
 
+# fmt: off
 COCO_THINGS: dict[int, str] = {
     1: "person", 2: "bicycle", 3: "car", 4: "motorcycle", 5: "airplane", 6: "bus",
     7: "train", 8: "truck", 9: "boat", 10: "traffic light", 11: "fire hydrant",
@@ -48,6 +49,7 @@ COCO_STUFF: dict[int, str] = {
     196: "food-other-merged", 197: "building-other-merged", 198: "rock-merged",
     199: "wall-other-merged", 200: "rug-merged",
 }
+# fmt: on
 
 COCO_PANOPTIC: dict[int, str] = {**COCO_THINGS, **COCO_STUFF}
 COCO_THING_IDS: frozenset[int] = frozenset(COCO_THINGS)

@@ -65,8 +65,12 @@ class Sam2Model:
         name: str = "sam2",
         max_points: int = 64,
     ) -> None:
-        require_io(encoder, inputs=[ENCODER_INPUT], outputs=EMBEDDING_NAMES, model_name=f"{name} encoder")
-        require_io(decoder, inputs=DECODER_INPUTS, outputs=DECODER_OUTPUTS, model_name=f"{name} decoder")
+        require_io(
+            encoder, inputs=[ENCODER_INPUT], outputs=EMBEDDING_NAMES, model_name=f"{name} encoder"
+        )
+        require_io(
+            decoder, inputs=DECODER_INPUTS, outputs=DECODER_OUTPUTS, model_name=f"{name} decoder"
+        )
         self.encoder = encoder
         self.decoder = decoder
         self.name = name
@@ -98,6 +102,7 @@ class Sam2Model:
         """The embedding of ``image`` (or of what the loader returns), from ``cache`` under
         ``key`` when it is there. ``key`` names the image's content (e.g. an S3 URI with its
         ETag); the model's name is added to it, so models never share entries."""
+
         def compute() -> Sam2Embedding:
             return self.encode(image() if callable(image) else image)
 
@@ -105,7 +110,9 @@ class Sam2Model:
             return compute()
         return cache.get_or_compute(f"{self.name}|{key}", compute)
 
-    def prompt_arrays(self, prompt: Optional[Prompt], width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
+    def prompt_arrays(
+        self, prompt: Optional[Prompt], width: int, height: int
+    ) -> tuple[np.ndarray, np.ndarray]:
         """``point_coords`` float32 ``[1, N, 2]`` in the encoder's input frame and
         ``point_labels`` float32 ``[1, N]`` for a prompt on a ``width`` x ``height`` image."""
         if prompt is None or prompt.is_empty:
@@ -119,7 +126,10 @@ class Sam2Model:
                 labels += [LABEL_BOX_TOP_LEFT, LABEL_BOX_BOTTOM_RIGHT]
             points += prompt.all_points
             labels += prompt.all_labels
-        coords = np.array(points, np.float64) * (self.input_width / width, self.input_height / height)
+        coords = np.array(points, np.float64) * (
+            self.input_width / width,
+            self.input_height / height,
+        )
         return coords[None].astype(np.float32), np.array([labels], np.float32)
 
     def predict(

@@ -34,7 +34,12 @@ def usable_providers(wanted: Iterable[str]) -> list[str]:
 def get_session(path: Path, settings: Settings) -> ort.InferenceSession:
     """The process's session for ``path`` with the providers and threads of ``settings``."""
     providers = tuple(usable_providers(settings.providers))
-    key = (str(Path(path).resolve()), providers, settings.intra_op_threads, settings.inter_op_threads)
+    key = (
+        str(Path(path).resolve()),
+        providers,
+        settings.intra_op_threads,
+        settings.inter_op_threads,
+    )
     with _lock:
         session = _sessions.get(key)
         if session is None:
@@ -72,8 +77,10 @@ def require_io(
         )
 
 
-def input_shape(session: ort.InferenceSession, name: str, fallback: Sequence[int]) -> tuple[int, ...]:
-    """The declared shape of input ``name``, with each symbolic dimension taken from ``fallback``."""
+def input_shape(
+    session: ort.InferenceSession, name: str, fallback: Sequence[int]
+) -> tuple[int, ...]:
+    """The declared shape of input ``name``, each symbolic dimension taken from ``fallback``."""
     declared = next(i.shape for i in session.get_inputs() if i.name == name)
     if len(declared) != len(fallback):
         raise ModelIncompatible(
@@ -89,6 +96,8 @@ def _create(path: Path, providers: tuple[str, ...], settings: Settings) -> ort.I
     try:
         session = ort.InferenceSession(str(path), sess_options=options, providers=list(providers))
     except Exception as e:  # onnxruntime raises its own untyped errors for unreadable models
-        raise ModelIncompatible(f"onnxruntime cannot load {path}: {str(e).splitlines()[0]}") from None
+        raise ModelIncompatible(
+            f"onnxruntime cannot load {path}: {str(e).splitlines()[0]}"
+        ) from None
     log.info("loaded %s on %s (asked for %s)", path.name, provider(session), ", ".join(providers))
     return session

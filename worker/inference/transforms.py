@@ -50,7 +50,9 @@ _NORMALISED = _normalised_levels()
 
 
 @lru_cache(maxsize=64)
-def axis_weights(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def axis_weights(
+    in_size: int, out_size: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """``(i0, i1, w0, w1)``: output position ``j`` reads ``w0[j]*x[i0[j]] + w1[j]*x[i1[j]]``."""
     # torch keeps the scale in float32 but its compiled kernel fuses the multiply-add, so the
     # source position is rounded once; float64 arithmetic reproduces that rounding.
@@ -71,7 +73,9 @@ def resize_bilinear(x: np.ndarray, height: int, width: int) -> np.ndarray:
     return _resize(np.asarray(x, np.float32), height, width, threshold=None)
 
 
-def upsample_mask(logits: np.ndarray, height: int, width: int, threshold: float = 0.0) -> np.ndarray:
+def upsample_mask(
+    logits: np.ndarray, height: int, width: int, threshold: float = 0.0
+) -> np.ndarray:
     """``resize_bilinear(logits, height, width) > threshold`` as a bool mask, computed in
     row blocks so the float image never exists at full size."""
     return _resize(np.asarray(logits, np.float32), height, width, threshold=threshold)
