@@ -8,7 +8,8 @@ resolves to are also remembered, so a job costs no hub request.
 
 from __future__ import annotations
 
-from typing import Optional
+from collections.abc import Callable
+from typing import Any, Optional, TypeVar
 
 from config.settings import Settings
 from worker.inference.cache import EmbeddingCache
@@ -32,8 +33,10 @@ __all__ = [
     "preload",
 ]
 
-_files: dict[tuple, object] = {}
-_models: dict[tuple, object] = {}
+T = TypeVar("T")
+
+_files: dict[tuple, Any] = {}
+_models: dict[tuple, Any] = {}
 
 
 def load_sam2(
@@ -105,7 +108,7 @@ def preload(settings: Settings) -> dict[str, str]:
     return {name: loaders[name](settings).provider for name in settings.load_models}
 
 
-def _remember(store: dict, key: tuple, make):
+def _remember(store: dict[tuple, Any], key: tuple, make: Callable[[], T]) -> T:
     # No lock: two threads racing on a first load both build it (sessions are shared
     # anyway), and a slow download for one job never blocks another job's model.
     if key not in store:
