@@ -115,7 +115,7 @@ def execute(runtime: Runtime, payload: Any, delivery: Delivery) -> Optional[dict
         return None
 
     final = status.succeed(job_id, result, timings)
-    metrics.record_job(request.task, "succeeded", timings=timings)
+    metrics.record_job(request.task, "succeeded", timings=timings, cache=result.get("embedding_cache"))
     _notify(runtime, final, request.callback_url)
     return result
 

@@ -32,13 +32,19 @@ _started = threading.Lock()
 _server_port: Optional[int] = None
 
 
-def record_job(task: str, state: str, code: str = "", timings: Optional[dict[str, float]] = None) -> None:
+def record_job(
+    task: str,
+    state: str,
+    code: str = "",
+    *,
+    timings: Optional[dict[str, float]] = None,
+    cache: Optional[str] = None,
+) -> None:
     JOBS.labels(task, state, code).inc()
     for stage, seconds in (timings or {}).items():
-        if stage == "cache_hit":
-            CACHE.labels("hit" if seconds else "miss").inc()
-        else:
-            STAGE_SECONDS.labels(task, stage).observe(seconds)
+        STAGE_SECONDS.labels(task, stage).observe(seconds)
+    if cache:
+        CACHE.labels(cache).inc()
 
 
 def record_models(load_seconds: float, providers: dict[str, str]) -> None:

@@ -148,18 +148,24 @@ class Pipelines:
         image: DecodedImage,
         prompt: PromptInput,
         options: SegmentOptions | OverlayOptions,
-        timer: Timer,
+        out: JobOutput,
         *,
         image_id: Optional[str] = None,
     ) -> list:
+        timer = Timer(out.timings)
         prompt = parse_prompt(prompt)
         if prompt is not None:
             prompt.check_bounds(image.width, image.height, self.settings.max_points)
         model = self.sam2(options)
-        key = f"{model.identity}|{image_id or _digest(image)}"
+        encoded: list[bool] = []
+
+        def pixels():
+            encoded.append(True)
+            return image.rgb
+
         with timer.stage("encode_image"):
-            embedding, hit = self.cache.get_or_compute(key, lambda: model.encode(image.rgb))
-        timer.timings["cache_hit"] = 1.0 if hit else 0.0
+            embedding = model.embed_cached(pixels, image_id or _digest(image), self.cache)
+        out.result["embedding_cache"] = "miss" if encoded else "hit"
         with timer.stage("decode_prompt"):
             return model.predict(
                 embedding,
@@ -183,7 +189,8 @@ class Pipelines:
         out = JobOutput()
         timer = Timer(out.timings)
         image = self.decode(data, timer)
-        found = self.sam2_masks(image, prompt, options, timer, image_id=image_id)
+        image_id = image_id or _bytes_id(data)
+        found = self.sam2_masks(image, prompt, options, out, image_id=image_id)
         entries = []
         with timer.stage("encode_output"):
             for i, m in enumerate(found):
@@ -195,7 +202,7 @@ class Pipelines:
                 if "rle" in options.mask_formats:
                     entry["rle"] = maskio.rle_encode(m.mask)
                 entries.append(entry)
-        out.result = {"width": image.width, "height": image.height, "masks": entries}
+        out.result.update(width=image.width, height=image.height, masks=entries)
         return out
 
     def panoptic(
@@ -258,10 +265,11 @@ class Pipelines:
         out = JobOutput()
         timer = Timer(out.timings)
         image = self.decode(data, timer)
-        best = self.sam2_masks(image, prompt, options, timer, image_id=image_id)
+        image_id = image_id or _bytes_id(data)
+        best = self.sam2_masks(image, prompt, options, out, image_id=image_id)
         if not best:
-            out.result = {"width": image.width, "height": image.height, "cutout": None,
-                          "reason": "no mask scored above min_score"}
+            out.result.update(width=image.width, height=image.height, cutout=None,
+                              reason="no mask scored above min_score")
             return out
         mask = best[0]
         with timer.stage("compose"):
@@ -269,13 +277,13 @@ class Pipelines:
         with timer.stage("encode_output"):
             out.files["cutout.png"] = (encode.encode_png(rgba), PNG)
             out.files["mask.png"] = (maskio.mask_to_png(mask.mask), PNG)
-        out.result = {
-            "width": image.width,
-            "height": image.height,
-            "cutout": "cutout.png",
-            "cutout_size": list(rgba.size),
-            "mask": _mask_entry(mask.mask, score=float(mask.score), png="mask.png"),
-        }
+        out.result.update(
+            width=image.width,
+            height=image.height,
+            cutout="cutout.png",
+            cutout_size=list(rgba.size),
+            mask=_mask_entry(mask.mask, score=float(mask.score), png="mask.png"),
+        )
         return out
 
     def overlay(
@@ -299,12 +307,19 @@ class Pipelines:
             layers = list(masks)
             legend = [_mask_entry(m, index=i) for i, m in enumerate(layers)]
         elif prompt is not None:
-            found = self.sam2_masks(image, prompt, options, timer, image_id=image_id)
+            image_id = image_id or _bytes_id(data)
+            found = self.sam2_masks(image, prompt, options, out, image_id=image_id)
             layers = [m.mask for m in found]
             legend = [_mask_entry(m.mask, index=i, score=float(m.score)) for i, m in enumerate(found)]
         else:
             panoptic = self._panoptic(image, options, timer)
-            layers = [panoptic.segmentation == s.id for s in panoptic.segments]
+            ids = [s.id for s in panoptic.segments]
+            # ids 1..N in order: the label map itself is the layer stack (no N full-size masks)
+            layers = (
+                panoptic.segmentation
+                if ids == list(range(1, len(ids) + 1))
+                else [panoptic.segmentation == i for i in ids]
+            )
             legend = [
                 {"index": i, "label": s.label, "score": float(s.score), "area": int(s.area),
                  "bbox": s.bbox}
@@ -321,8 +336,7 @@ class Pipelines:
                 name = "overlay.png"
         for entry in legend:
             entry["color"] = list(compose.palette_color(entry["index"]))
-        out.result = {"width": image.width, "height": image.height, "overlay": name,
-                      "segments": legend}
+        out.result.update(width=image.width, height=image.height, overlay=name, segments=legend)
         return out
 
 
@@ -336,6 +350,11 @@ def _options(model: type, options: Any, kwargs: dict[str, Any]):
                 CutoutOptions: "cutout", OverlayOptions: "overlay"}[model]
         return parse_options(task, kwargs)
     return options
+
+
+def _bytes_id(data: ImageInput) -> Optional[str]:
+    """Content identity of encoded bytes: far cheaper to hash than decoded pixels."""
+    return "sha1:" + hashlib.sha1(data).hexdigest() if isinstance(data, bytes) else None
 
 
 def _digest(image: DecodedImage) -> str:
