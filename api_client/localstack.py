@@ -188,27 +188,38 @@ class RedisServer(LocalServer):
         *,
         port: Optional[int] = None,
         password: Optional[str] = None,
+        tls: Optional[tuple[Path, Path]] = None,
         data_dir: Optional[Path] = None,
     ) -> None:
+        """``tls``: (certificate, key) PEM files to serve TLS only (``rediss://``); the
+        certificate is also what clients verify against."""
         super().__init__(data_dir)
         self.port = port or free_ports(1)[0]
         self.password = password
+        self.tls = tls
 
     @property
     def url(self) -> str:
         auth = f":{self.password}@" if self.password else ""
+        if self.tls:
+            return f"rediss://{auth}{LOOPBACK}:{self.port}/0?ssl_ca_certs={self.tls[0]}"
         return f"redis://{auth}{LOOPBACK}:{self.port}/0"
 
     def command(self) -> list[str]:
         argv = [
             "redis-server",
             "--bind", LOOPBACK,
-            "--port", str(self.port),
             "--save", "",
             "--appendonly", "yes",
             "--appendfsync", "always",
             "--dir", str(self.data_dir),
         ]  # fmt: skip
+        if self.tls:
+            cert, key = self.tls
+            argv += ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", str(cert),
+                     "--tls-key-file", str(key), "--tls-auth-clients", "no"]  # fmt: skip
+        else:
+            argv += ["--port", str(self.port)]
         if self.password:
             argv += ["--requirepass", self.password]
         return argv

@@ -3,7 +3,10 @@ TTLs, idempotency, surviving a Redis restart, and password-protected Redis."""
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 import threading
+from pathlib import Path
 
 import pytest
 from redis.exceptions import AuthenticationError
@@ -264,3 +267,27 @@ def test_password_protected_redis(tmp_path) -> None:
         for url in (server.url.replace(":s3cret-pw@", ""), server.url.replace("s3cret-pw", "wrong")):
             with pytest.raises(AuthenticationError):
                 StatusStore(url, ttl_s=TTL).get("j1")
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI to make a certificate")
+def test_tls_redis_url(tmp_path: Path) -> None:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    with RedisServer(password="pw", tls=(cert, key), data_dir=tmp_path / "redis") as server:
+        assert server.url.startswith("rediss://:pw@")
+        store = StatusStore(server.url, ttl_s=TTL)
+        store.create("j1", "segq.segment", IMAGE)
+        assert store.get("j1").state is JobState.queued
+
+
+def test_webhook_outcome_is_recorded_on_a_final_job(store: StatusStore) -> None:
+    store.create("j1", "segq.segment", IMAGE)
+    store.start("j1", "w")
+    store.succeed("j1", {}, {})
+    recorded = store.record_webhook("j1", {"status": 200, "attempts": 1})
+    assert recorded.state is JobState.succeeded
+    assert store.get("j1").webhook == {"status": 200, "attempts": 1}

@@ -31,7 +31,7 @@ from redis.retry import Retry
 from config.contract import IDEMPOTENCY_KEY, JobErrorInfo, JobState, JobStatus, status_key
 from config.errors import InvalidTransition, JobNotFound
 
-# Reconnect with backoff for about 15 s in all (0.05 s doubling up to 2 s per try):
+# Reconnect with backoff for about 17 s in all (0.05 s doubling up to 2 s per try):
 # long enough for Redis to restart and reload its AOF, short enough to surface an outage.
 RECONNECT_RETRIES = 12
 RECONNECT_BACKOFF = dict(base=0.05, cap=2.0)
