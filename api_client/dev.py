@@ -8,6 +8,7 @@ and stops everything it started on Ctrl-C.
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 import shutil
@@ -21,6 +22,7 @@ from contextlib import ExitStack
 from importlib import resources
 from pathlib import Path
 from typing import Optional
+from urllib.parse import urlsplit
 
 from config.errors import ModelError, SegqError
 from config.settings import Settings, get_settings
@@ -42,11 +44,27 @@ def sample_image() -> bytes:
     return resources.files("api_client").joinpath("assets/sample.jpg").read_bytes()
 
 
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """One quick TCP connect to the hub, so a machine without internet learns it in
+    seconds rather than after huggingface_hub's own retries."""
+    url = urlsplit(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname or "", port), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def _check_models(settings: Settings) -> Optional[str]:
     """Fetch (or find cached) model files before starting anything, so an offline
     machine gets one clear line instead of a worker stack trace."""
     from worker.inference.hub import download_models
 
+    needs_hub = not (settings.sam2_dir and settings.detr_dir) and not settings.offline
+    if needs_hub and not _hub_reachable():
+        settings = settings.model_copy(update={"offline": True})  # the cache may still have them
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
     try:
         download_models(settings, segment=True, panoptic=True, progress=True)
     except ModelError as err:
@@ -147,7 +165,7 @@ def run_dev(*, image: Optional[str] = None, keep_running: bool = True, workdir: 
                 if out_name != "manifest.json":
                     local = OUTPUT_DIR / f"{kind}-{out_name}"
                     local.write_bytes(job.output(out_name))
-                    _say(f"    {out_name}: {local}  {url[:96]}...")
+                    _say(f"    {out_name}: {local}\n      {url}")
         _say(f"\nFlower: http://127.0.0.1:{flower_port}  (user segq, password {flower_password})")
         _say(f"env for other shells: SEGQ_REDIS_URL={redis.url} SEGQ_S3_ENDPOINT_URL={s3.endpoint_url}")
         if keep_running and failures == 0:
