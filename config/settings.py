@@ -37,32 +37,32 @@ class Settings(BaseSettings):
     s3_endpoint_url: Optional[str] = Field(
         None, description="S3-compatible endpoint (MinIO, SeaweedFS); None for AWS."
     )
-    s3_region: str = "us-east-1"
+    s3_region: str = Field("us-east-1", description="S3 region for signing.")
     s3_addressing_style: str = Field("path", description="'path' or 'virtual'.")
     input_bucket: str = Field("segq-input", description="Where `segq dev` uploads samples.")
     allowed_inputs: list[str] = Field(
         default_factory=lambda: ["s3://segq-input/"],
         description="URI prefixes jobs may read from; ['*'] allows any bucket.",
     )
-    output_bucket: str = "segq-output"
-    output_prefix: str = "jobs/"
-    presign_ttl_s: int = 3600
+    output_bucket: str = Field("segq-output", description="Bucket jobs write their outputs to.")
+    output_prefix: str = Field("jobs/", description="Key prefix of outputs; each job writes under PREFIX/JOB_ID/.")
+    presign_ttl_s: int = Field(3600, description="Lifetime of presigned output URLs, seconds.")
     s3_max_attempts: int = Field(6, description="Tries per S3 call on transient faults.")
-    s3_connect_timeout_s: float = 5.0
-    s3_read_timeout_s: float = 30.0
+    s3_connect_timeout_s: float = Field(5.0, description="S3 connect timeout, seconds.")
+    s3_read_timeout_s: float = Field(30.0, description="S3 read timeout, seconds.")
 
     # --- models --------------------------------------------------------------------
-    sam2_repo: str = DEFAULT_SAM2_REPO
-    sam2_encoder_file: str = "encoder.onnx"
-    sam2_decoder_file: str = "decoder.onnx"
-    sam2_revision: Optional[str] = None
+    sam2_repo: str = Field(DEFAULT_SAM2_REPO, description="Hub repo of the SAM 2 ONNX export.")
+    sam2_encoder_file: str = Field("encoder.onnx", description="Encoder file in the SAM 2 repo.")
+    sam2_decoder_file: str = Field("decoder.onnx", description="Decoder file in the SAM 2 repo.")
+    sam2_revision: Optional[str] = Field(None, description="Pin the SAM 2 repo to a revision (commit, tag, branch).")
     sam2_dir: Optional[Path] = Field(
         None, description="Local directory with the SAM 2 files instead of a hub repo."
     )
-    detr_repo: str = DEFAULT_DETR_REPO
-    detr_model_file: str = "onnx/model.onnx"
-    detr_config_file: str = "config.json"
-    detr_revision: Optional[str] = None
+    detr_repo: str = Field(DEFAULT_DETR_REPO, description="Hub repo of the DETR-panoptic ONNX export.")
+    detr_model_file: str = Field("onnx/model.onnx", description="Model file in the DETR repo.")
+    detr_config_file: str = Field("config.json", description="config.json (id2label) in the DETR repo.")
+    detr_revision: Optional[str] = Field(None, description="Pin the DETR repo to a revision.")
     detr_dir: Optional[Path] = Field(
         None, description="Local directory with the DETR files instead of a hub repo."
     )
@@ -83,42 +83,40 @@ class Settings(BaseSettings):
         description="onnxruntime execution providers, in order of preference.",
     )
     intra_op_threads: int = Field(0, description="0 lets onnxruntime choose.")
-    inter_op_threads: int = 0
-    fp16: bool = False
+    inter_op_threads: int = Field(0, description="onnxruntime inter-op threads; 0 lets it choose.")
+    fp16: bool = Field(False, description="Run the models in float16 (CUDA provider only; converted at load).")
     embedding_cache_bytes: int = Field(
         1 << 30, description="Bytes of SAM 2 image embeddings kept per worker process."
     )
 
     # --- limits --------------------------------------------------------------------
-    max_image_bytes: int = 64 << 20
-    max_image_pixels: int = 100_000_000
-    min_image_side: int = 2
-    max_points: int = 64
-    max_payload_bytes: int = 64 << 10
+    max_image_bytes: int = Field(64 << 20, description="Largest input object read, bytes.")
+    max_image_pixels: int = Field(100_000_000, description="Largest image (width x height) decoded; bigger is image_too_large.")
+    min_image_side: int = Field(2, description="Smallest accepted side, pixels.")
+    max_points: int = Field(64, description="Most prompt points per job.")
+    max_payload_bytes: int = Field(64 << 10, description="Largest job message, bytes.")
 
     # --- worker runtime ------------------------------------------------------------
-    soft_time_limit_s: int = 300
-    time_limit_s: int = 360
-    visibility_timeout_s: int = 3600
+    soft_time_limit_s: int = Field(300, description="A job running longer fails with code timeout.")
+    time_limit_s: int = Field(360, description="Hard limit: the job's worker process is replaced.")
+    visibility_timeout_s: int = Field(3600, description="Redis broker: an unacknowledged job is redelivered after this; must exceed time_limit_s.")
     max_deliveries: int = Field(
         3, description="Deliveries of one job before it ends failed/worker_lost."
     )
     max_retries: int = Field(5, description="Retries of a job on transient faults.")
-    retry_backoff_s: float = 1.0
-    retry_backoff_max_s: float = 60.0
+    retry_backoff_s: float = Field(1.0, description="First retry delay for transient faults (exponential, full jitter).")
+    retry_backoff_max_s: float = Field(60.0, description="Cap on one retry delay.")
     pool: str = Field("threads", description="Celery pool: threads, prefork or solo.")
-    concurrency: int = 2
-    queue_segment: str = "segq.interactive"
-    queue_batch: str = "segq.batch"
+    concurrency: int = Field(2, description="Jobs run at once per worker process.")
+    queue_segment: str = Field("segq.interactive", description="Queue of interactive jobs (segment, cutout).")
+    queue_batch: str = Field("segq.batch", description="Queue of batch jobs (panoptic, overlay).")
 
     # --- observability and integrations ---------------------------------------------
     metrics_port: int = Field(0, description="Prometheus port on the worker; 0 disables.")
-    flower_user: str = "segq"
-    flower_password: SecretStr = SecretStr("")
-    webhook_secret: SecretStr = SecretStr("")
-    webhook_allow_private: bool = False
-    webhook_timeout_s: float = 10.0
-    webhook_max_attempts: int = 5
+    webhook_secret: SecretStr = Field(SecretStr(""), description="HMAC-SHA256 key signing webhook bodies (X-Segq-Signature).")
+    webhook_allow_private: bool = Field(False, description="Allow callbacks to loopback/private addresses (tests, trusted networks).")
+    webhook_timeout_s: float = Field(10.0, description="Timeout of one webhook POST, seconds.")
+    webhook_max_attempts: int = Field(5, description="Tries per webhook delivery (backoff between them).")
     event_rules: list[dict] = Field(
         default_factory=list,
         description="S3 upload rules (api_client.events.EventRule as JSON): which new objects "
