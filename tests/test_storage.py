@@ -81,7 +81,9 @@ def test_read_honours_version_id(s3_server: S3Server, settings: Settings) -> Non
     latest = storage.read(S3Ref.parse(f"s3://{bucket}/img.png"), max_bytes=100)
     assert latest.data == b"second" and latest.version_id not in (None, first)
     with pytest.raises(ObjectNotFound):
-        storage.read(S3Ref.parse(f"s3://{bucket}/img.png", version_id="no-such-version"), max_bytes=100)
+        storage.read(
+            S3Ref.parse(f"s3://{bucket}/img.png", version_id="no-such-version"), max_bytes=100
+        )
 
 
 def test_write_read_back_and_presign_round_trip(storage: Storage, settings: Settings) -> None:
@@ -160,7 +162,11 @@ def test_reads_outside_allowed_inputs_are_forbidden(storage: Storage, uri: str) 
 def test_allowed_prefixes_are_folders_and_star_allows_all(settings: Settings) -> None:
     uploads = Storage(settings.model_copy(update={"allowed_inputs": ["s3://segq-input/uploads"]}))
     uploads.check_readable(S3Ref.parse("s3://segq-input/uploads/a.jpg"))
-    for uri in ("s3://segq-input/uploads-evil/a.jpg", "s3://segq-input/a.jpg", "s3://segq-input/uploads"):
+    for uri in (
+        "s3://segq-input/uploads-evil/a.jpg",
+        "s3://segq-input/a.jpg",
+        "s3://segq-input/uploads",
+    ):
         with pytest.raises(ForbiddenLocation):
             uploads.check_readable(S3Ref.parse(uri))
     anywhere = Storage(settings.model_copy(update={"allowed_inputs": ["*"]}))
@@ -173,7 +179,9 @@ def test_allowed_prefixes_are_folders_and_star_allows_all(settings: Settings) ->
 
 
 @pytest.mark.parametrize("suffix", ["../escape.png", "a/../../escape.png", "a//b.png", ""])
-def test_output_keys_must_stay_under_the_prefix(storage: Storage, settings: Settings, suffix: str) -> None:
+def test_output_keys_must_stay_under_the_prefix(
+    storage: Storage, settings: Settings, suffix: str
+) -> None:
     key = settings.output_prefix + suffix
     for call in (
         lambda: storage.write(key, b"x", "image/png"),
@@ -228,7 +236,9 @@ def test_one_client_shared_by_threads(storage: Storage) -> None:
     assert len(seen) == 8 and len({id(c) for c in seen}) == 1
 
 
-def test_ensure_buckets_creates_missing_and_is_idempotent(storage: Storage, s3_server: S3Server) -> None:
+def test_ensure_buckets_creates_missing_and_is_idempotent(
+    storage: Storage, s3_server: S3Server
+) -> None:
     name = f"segq-made-{uuid.uuid4().hex[:8]}"
     storage.ensure_buckets([name, "segq-output"])
     storage.ensure_buckets([name])
@@ -236,7 +246,9 @@ def test_ensure_buckets_creates_missing_and_is_idempotent(storage: Storage, s3_s
 
 
 @pytest.mark.timeout(60)
-def test_s3_down_is_unavailable_and_recovers(storage: Storage, settings: Settings, s3_server: S3Server) -> None:
+def test_s3_down_is_unavailable_and_recovers(
+    storage: Storage, settings: Settings, s3_server: S3Server
+) -> None:
     key = f"{settings.output_prefix}fault/mask.png"
     storage.write(key, b"before", "image/png")
     fast = Storage(settings.model_copy(update={"s3_max_attempts": 2, "s3_connect_timeout_s": 1.0}))
@@ -257,7 +269,10 @@ def test_s3_down_is_unavailable_and_recovers(storage: Storage, settings: Setting
 
 
 def _client_error(code: str, status: int) -> ClientError:
-    return ClientError({"Error": {"Code": code, "Message": "msg"}, "ResponseMetadata": {"HTTPStatusCode": status}}, "GetObject")
+    return ClientError(
+        {"Error": {"Code": code, "Message": "msg"}, "ResponseMetadata": {"HTTPStatusCode": status}},
+        "GetObject",
+    )
 
 
 @pytest.mark.parametrize(

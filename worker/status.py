@@ -45,7 +45,9 @@ class _Retry(Retry):
 
     def call_with_retry(self, do, fail, is_retryable=None, with_failure_count=False):  # type: ignore[no-untyped-def]
         def retryable(error: Exception) -> bool:
-            return not isinstance(error, AuthenticationError) and (is_retryable is None or is_retryable(error))
+            return not isinstance(error, AuthenticationError) and (
+                is_retryable is None or is_retryable(error)
+            )
 
         return super().call_with_retry(do, fail, retryable, with_failure_count)
 
@@ -193,7 +195,9 @@ class StatusStore:
 
         def change(job: JobStatus, now: float) -> JobStatus:
             _require(job, "requeue", JobState.running)
-            return job.model_copy(update=dict(state=JobState.queued, stage=f"retrying: {reason}", worker=None))
+            return job.model_copy(
+                update=dict(state=JobState.queued, stage=f"retrying: {reason}", worker=None)
+            )
 
         return self._transition(job_id, change)
 
@@ -203,7 +207,9 @@ class StatusStore:
 
         def change(job: JobStatus, now: float) -> JobStatus:
             _require(job, "cancel", JobState.queued)
-            return job.model_copy(update=dict(state=JobState.cancelled, finished_at=now, stage=None))
+            return job.model_copy(
+                update=dict(state=JobState.cancelled, finished_at=now, stage=None)
+            )
 
         return self._transition(job_id, change)
 
@@ -219,7 +225,14 @@ class StatusStore:
 
     def _new(self, job_id: str, task: str, image: Optional[str]) -> JobStatus:
         now = time.time()
-        return JobStatus(job_id=job_id, task=task, state=JobState.queued, image=image, created_at=now, updated_at=now)
+        return JobStatus(
+            job_id=job_id,
+            task=task,
+            state=JobState.queued,
+            image=image,
+            created_at=now,
+            updated_at=now,
+        )
 
     def _transition(
         self, job_id: str, change: Callable[[JobStatus, float], Optional[JobStatus]]
@@ -231,7 +244,9 @@ class StatusStore:
         def step(pipe: Any) -> Optional[JobStatus]:
             raw = pipe.get(key)
             if raw is None:
-                raise JobNotFound(f"no job {job_id!r} (never created, or its status expired)", job_id=job_id)
+                raise JobNotFound(
+                    f"no job {job_id!r} (never created, or its status expired)", job_id=job_id
+                )
             now = time.time()
             new = change(JobStatus.model_validate_json(raw), now)
             if new is not None:

@@ -44,7 +44,7 @@ _DENIED = {
 }  # fmt: skip
 _TRANSIENT = {
     "SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded",
-    "TooManyRequestsException", "RequestTimeout", "RequestTimeTooSkewed",
+    "TooManyRequestsException", "RequestTimeout",
     "ServiceUnavailable", "InternalError", "503", "500", "502", "504",
 }  # fmt: skip
 _CONNECTION_FAULTS = (boto.ConnectionError, boto.HTTPClientError, boto.IncompleteReadError)
@@ -232,12 +232,20 @@ class Storage:
     def upload_input(self, key: str, data: bytes, content_type: str) -> str:
         """Put an image into ``settings.input_bucket`` (for `segq dev`, tests, demos)."""
         check_key(key)
-        return self._put(S3Ref(bucket=self.settings.input_bucket, key=key), data, content_type, None)
+        return self._put(
+            S3Ref(bucket=self.settings.input_bucket, key=key), data, content_type, None
+        )
 
-    def _put(self, ref: S3Ref, data: bytes, content_type: str, metadata: Optional[dict[str, str]]) -> str:
+    def _put(
+        self, ref: S3Ref, data: bytes, content_type: str, metadata: Optional[dict[str, str]]
+    ) -> str:
         with _s3_errors("write", ref.uri):
             self.client.put_object(
-                Bucket=ref.bucket, Key=ref.key, Body=data, ContentType=content_type, Metadata=metadata or {}
+                Bucket=ref.bucket,
+                Key=ref.key,
+                Body=data,
+                ContentType=content_type,
+                Metadata=metadata or {},
             )
         return ref.uri
 
@@ -263,16 +271,23 @@ class Storage:
                 pass
             params: dict[str, Any] = {"Bucket": name}
             if self.settings.s3_region != "us-east-1":
-                params["CreateBucketConfiguration"] = {"LocationConstraint": self.settings.s3_region}
+                params["CreateBucketConfiguration"] = {
+                    "LocationConstraint": self.settings.s3_region
+                }
             try:
                 with _s3_errors("create bucket", f"s3://{name}"):
                     self.client.create_bucket(**params)
             except StorageError as err:
-                if err.details.get("s3_code") != "BucketAlreadyOwnedByYou":  # lost a race to ourselves
+                if (
+                    err.details.get("s3_code") != "BucketAlreadyOwnedByYou"
+                ):  # lost a race to ourselves
                     raise
 
 
 def _too_large(ref: S3Ref, size: int, limit: int) -> ImageTooLarge:
     return ImageTooLarge(
-        f"{ref.uri} is {size} bytes, over the limit of {limit}", location=ref.uri, size=size, limit=limit
+        f"{ref.uri} is {size} bytes, over the limit of {limit}",
+        location=ref.uri,
+        size=size,
+        limit=limit,
     )
