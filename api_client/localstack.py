@@ -157,7 +157,11 @@ class LocalServer:
         return data[-max_bytes:].decode("utf-8", "replace")
 
     def __enter__(self: Server) -> Server:
-        return self.start()
+        try:
+            return self.start()
+        except BaseException:
+            self.close()
+            raise
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
