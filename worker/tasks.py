@@ -9,25 +9,33 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+import redis
 from celery import Task
+from celery.exceptions import Reject
 
 from config.contract import TASK_CUTOUT, TASK_OVERLAY, TASK_PANOPTIC, TASK_SEGMENT
+from config.errors import InvalidPayload
 from worker.app import app
-from worker.jobs import Delivery, RetryLater, execute
+from worker.jobs import Delivery, RetryLater, execute, refuse_message
 from worker.runtime import get_runtime
 
 
 def _run(task: Task, args: tuple, kwargs: dict) -> Optional[dict[str, Any]]:
     runtime = get_runtime()
-    # A hand-made message with the wrong arguments is a bad payload, not a crash.
-    payload = args[0] if len(args) == 1 and not kwargs else None
+    if len(args) != 1 or kwargs:  # a hand-made message: a bad payload, not a crash
+        err = InvalidPayload(
+            f"a {task.name} message carries one JSON object (the job) as its only argument; "
+            f"got {len(args)} positional and {len(kwargs)} keyword arguments"
+        )
+        refuse_message(runtime, task.request.id, task.name, err)
+        return None
     delivery = Delivery(
         job_id=task.request.id,
         worker=task.request.hostname or "unknown",
         retries=task.request.retries,
     )
     try:
-        return execute(runtime, payload, delivery)
+        return execute(runtime, args[0], delivery)
     except RetryLater as later:
         raise task.retry(countdown=later.countdown, max_retries=None) from later.error
 
