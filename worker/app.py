@@ -4,16 +4,26 @@
   sessions must not cross a fork;
 - threads and solo: in the worker process itself (``worker_init``), because
   ``worker_process_init`` never fires for those pools.
+
+Messages the worker cannot run as a job (an unknown task name, a body that is not JSON or
+not ``[args, kwargs, options]``, pickle) are dropped by Celery with a log line; here they
+also end the job's status ``failed`` with a code, so whoever sent them sees why.
 """
 
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from celery import Celery, signals
+from celery.exceptions import InvalidTaskError
+from celery.worker.consumer import Consumer as CeleryConsumer
 from celery.worker.control import control_command
+from celery.worker.request import Request
 
 from config.celeryconfig import celery_config
+from config.contract import TASKS
+from config.errors import InvalidPayload, SegqError, UnknownTask
 from config.settings import get_settings
 
 log = logging.getLogger("segq.worker")
@@ -21,6 +31,54 @@ log = logging.getLogger("segq.worker")
 app = Celery("segq")
 app.config_from_object(celery_config(get_settings()))
 app.conf.imports = ["worker.tasks"]
+app.conf.worker_consumer = f"{__name__}:Consumer"
+
+
+class CheckedRequest(Request):
+    """Celery unpacks a message body as ``[args, kwargs, options]`` where nothing catches a
+    failure: a hand-made body of another shape stops the whole worker, and, left
+    unacknowledged, the next worker that receives it. As ``InvalidTaskError`` the consumer
+    rejects the message and sends ``task_rejected`` instead."""
+
+    def __init__(self, message: Any, *args: Any, **kwargs: Any) -> None:
+        try:
+            super().__init__(message, *args, **kwargs)
+        except (TypeError, ValueError) as exc:
+            raise InvalidTaskError(f"the body is not [args, kwargs, options]: {exc}") from None
+        if not isinstance(self.args, (list, tuple)) or not isinstance(self.kwargs, dict):
+            raise InvalidTaskError("the body is not [args, kwargs, options]")
+
+
+class Consumer(CeleryConsumer):
+    """Celery's consumer; an undecodable body (not JSON) also fails the job's status."""
+
+    def on_decode_error(self, message: Any, exc: Exception) -> None:
+        super().on_decode_error(message, exc)
+        try:
+            _refuse(message, InvalidPayload(f"message body is not valid {message.content_type}: {exc}"))
+        except Exception:  # noqa: BLE001  the consumer must go on (Redis may be down)
+            log.exception("could not record the refused message")
+
+
+@signals.task_unknown.connect
+def _unknown_task(message: Any = None, name: Any = None, **_: Any) -> None:
+    _refuse(message, UnknownTask(f"no task named {name!r} here; segq runs {', '.join(TASKS)}"))
+
+
+@signals.task_rejected.connect
+def _rejected(message: Any = None, exc: Any = None, **_: Any) -> None:
+    _refuse(message, InvalidPayload(f"message refused: {exc or 'not a Celery task message'}"))
+
+
+def _refuse(message: Any, err: SegqError) -> None:
+    headers = getattr(message, "headers", None) or {}
+    job_id, task = headers.get("id"), headers.get("task")
+    if not isinstance(job_id, str) or not job_id:
+        return  # no job to tell; Celery has logged the message
+    from worker.jobs import refuse_message
+    from worker.runtime import get_runtime
+
+    refuse_message(get_runtime(), job_id, task if isinstance(task, str) else "unknown", err)
 
 
 def _is_prefork(pool_cls: object) -> bool:

@@ -20,6 +20,7 @@ from config.contract import (
     TASK_OVERLAY,
     TASK_PANOPTIC,
     TASK_SEGMENT,
+    TASKS,
     JobRequest,
     JobStatus,
     output_key,
@@ -118,6 +119,15 @@ def execute(runtime: Runtime, payload: Any, delivery: Delivery) -> Optional[dict
     metrics.record_job(request.task, "succeeded", timings=timings, cache=result.get("embedding_cache"))
     _notify(runtime, final, request.callback_url)
     return result
+
+
+def refuse_message(runtime: Runtime, job_id: str, task: str, err: SegqError) -> None:
+    """Record a message the worker cannot run at all (an unknown task name, a body that is
+    not JSON or not ``[args, kwargs, options]``) as a failed job. Celery only logs and drops
+    such a message, which would leave a client's record ``queued`` for ever."""
+    runtime.status.create(job_id, task, None)
+    _fail(runtime, job_id, task if task in TASKS else "unknown", err)
+    log.warning("message %s refused: %s", job_id, err)
 
 
 def _fail(runtime: Runtime, job_id: str, task: str, err: SegqError, callback_url: Optional[str] = None) -> None:

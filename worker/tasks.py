@@ -15,7 +15,7 @@ from celery.exceptions import Reject
 
 from config.contract import TASK_CUTOUT, TASK_OVERLAY, TASK_PANOPTIC, TASK_SEGMENT
 from config.errors import InvalidPayload
-from worker.app import app
+from worker.app import CheckedRequest, app
 from worker.jobs import Delivery, RetryLater, execute, refuse_message
 from worker.runtime import get_runtime
 
@@ -40,7 +40,7 @@ def _run(task: Task, args: tuple, kwargs: dict) -> Optional[dict[str, Any]]:
         raise task.retry(countdown=later.countdown, max_retries=None) from later.error
 
 
-_common = dict(bind=True, acks_late=True, reject_on_worker_lost=True)
+_common = dict(bind=True, acks_late=True, reject_on_worker_lost=True, Request=CheckedRequest)
 
 
 @app.task(name=TASK_SEGMENT, **_common)
