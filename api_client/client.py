@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import time
 import uuid
 from functools import cached_property
@@ -123,7 +124,10 @@ class SegmentationClient:
             self._status.create(job_id, name, image)
         try:
             self._celery.send_task(
-                name, args=[body], task_id=job_id, queue=task_queues(self.settings)[name]
+                name, args=[body], task_id=job_id, queue=task_queues(self.settings)[name],
+                # Celery's default repr cuts nesting at depth 3, so Flower showed the
+                # prompt as [...]; the JSON is small (payload size is capped) and whole.
+                argsrepr=json.dumps([body]),
             )
         except Exception:
             # Nothing was queued: leave no "queued" record that would never move.
