@@ -6,6 +6,7 @@
     segq status JOB_ID | segq wait JOB_ID | segq cancel JOB_ID
     segq download-models [--segment] [--panoptic]
     segq health
+    segq metrics --port 9808                   queue gauges for an autoscaler, no worker needed
 """
 
 from __future__ import annotations
@@ -147,6 +148,29 @@ def cmd_health(args: argparse.Namespace) -> int:
     return check_health(hostname=args.hostname, timeout=args.timeout)
 
 
+def cmd_metrics(args: argparse.Namespace) -> int:
+    """Serve the queue gauges alone, from the broker: an autoscaler can scale workers
+    from zero, when no worker's own metrics endpoint exists."""
+    import threading
+
+    from prometheus_client import CollectorRegistry, start_http_server
+
+    from api_client.queue_metrics import QueueCollector, readable_broker
+    from config.errors import InvalidConfig
+    from config.settings import get_settings
+
+    settings = get_settings()
+    if not readable_broker(settings.broker):
+        scheme = settings.broker.split(":", 1)[0]  # not the whole URL: it may hold a password
+        raise InvalidConfig(f"segq metrics reads queue depth from a Redis broker, not {scheme}://")
+    registry = CollectorRegistry()
+    registry.register(QueueCollector(settings.broker, [settings.queue_segment, settings.queue_batch]))
+    server, _ = start_http_server(args.port, addr=args.host, registry=registry)
+    print(f"segq: queue metrics on http://{args.host}:{server.server_port}/metrics", flush=True)
+    threading.Event().wait()
+    return 0
+
+
 def cmd_dev(args: argparse.Namespace) -> int:
     from api_client.dev import run_dev
 
@@ -210,6 +234,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hostname", help="worker to ask (default: any worker on this host)")
     p.add_argument("--timeout", type=float, default=5.0)
     p.set_defaults(func=cmd_health)
+
+    p = sub.add_parser("metrics", help="serve the queue-depth gauges for Prometheus (no worker needed)")
+    p.add_argument("--host", default="0.0.0.0", help="address to listen on (default: all, for scrapers)")
+    p.add_argument("--port", type=int, default=9808)
+    p.set_defaults(func=cmd_metrics)
 
     from api_client.event_server import cmd_events_serve
     from api_client.events import cmd_events_sqs

@@ -19,6 +19,13 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 UNACKED_HASH = "unacked"
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+
+
+def readable_broker(broker_url: str) -> bool:
+    """Whether the gauges can be read from this broker: only kombu's Redis transport
+    keeps queues as lists that can be counted from outside."""
+    return broker_url.startswith(REDIS_SCHEMES)
 
 
 def queue_depths(client: redis.Redis, queues: Iterable[str]) -> dict[str, tuple[int, int]]:

@@ -56,11 +56,11 @@ def record_models(load_seconds: float, providers: dict[str, str]) -> None:
 def serve(port: int, *, broker_url: str, queues: list[str], registry: CollectorRegistry = REGISTRY) -> int:
     """Start the metrics HTTP server once per process; returns the bound port."""
     global _server_port
-    from api_client.queue_metrics import QueueCollector
+    from api_client.queue_metrics import QueueCollector, readable_broker
 
     with _started:
         if _server_port is None:
-            if broker_url.startswith(("redis://", "rediss://", "unix://")):
+            if readable_broker(broker_url):
                 registry.register(QueueCollector(broker_url, queues))
             server, _thread = start_http_server(port, addr="0.0.0.0", registry=registry)
             _server_port = server.server_port
