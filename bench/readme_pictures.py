@@ -4,7 +4,7 @@
 
 MODELS holds ``sam2/`` and ``detr/`` as ``bench.export_models`` writes them. segq's own
 outputs are written unchanged (``mask.png`` and ``cutout.png`` from a cutout job with one
-point, ``overlay.jpg`` from an overlay job of the panoptic segments), plus ``outputs.jpg``,
+point, ``overlay.jpg`` from an overlay job of the panoptic segments), plus ``composite.jpg``,
 one small strip of photo (with the prompt point) | mask | cutout | overlay for the README.
 
 With the random-weight exports of ``bench.export_models`` the masks follow texture and
@@ -94,7 +94,7 @@ def make_pictures(pipes: Pipelines, photo: bytes, point: tuple[float, float], ou
     })
     buf = io.BytesIO()
     strip.save(buf, "JPEG", quality=85, optimize=True)
-    files["outputs.jpg"] = buf.getvalue()
+    files["composite.jpg"] = buf.getvalue()
     out.mkdir(parents=True, exist_ok=True)
     for name, data in files.items():
         (out / name).write_bytes(data)
