@@ -6,7 +6,7 @@
     segq status JOB_ID | segq wait JOB_ID | segq cancel JOB_ID
     segq download-models [--segment] [--panoptic]
     segq health
-    segq metrics --port 9808                   queue gauges for an autoscaler, no worker needed
+    segq metrics --port 9809                   queue gauges for an autoscaler, no worker needed
 """
 
 from __future__ import annotations
@@ -237,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("metrics", help="serve the queue-depth gauges for Prometheus (no worker needed)")
     p.add_argument("--host", default="0.0.0.0", help="address to listen on (default: all, for scrapers)")
-    p.add_argument("--port", type=int, default=9808)
+    p.add_argument("--port", type=int, default=9809)
     p.set_defaults(func=cmd_metrics)
 
     from api_client.event_server import cmd_events_serve
