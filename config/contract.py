@@ -247,8 +247,10 @@ class JobRequest(BaseModel):
 def _describe(err: ValidationError) -> str:
     parts = []
     for e in err.errors()[:5]:
-        loc = ".".join(str(p) for p in e["loc"]) or "payload"
-        parts.append(f"{loc}: {e['msg']}")
+        loc = ".".join(str(p) for p in e["loc"])
+        # a validator's own ValueError already reads as a sentence; pydantic prefixes "Value error, "
+        msg = str(e["ctx"]["error"]) if e["type"] == "value_error" else e["msg"]
+        parts.append(f"{loc}: {msg}" if loc else msg)
     return "; ".join(parts)
 
 

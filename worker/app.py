@@ -50,7 +50,28 @@ class CheckedRequest(Request):
 
 
 class Consumer(CeleryConsumer):
-    """Celery's consumer; an undecodable body (not JSON) also fails the job's status."""
+    """Celery's consumer, hardened against hand-made messages: an undecodable body (not
+    JSON) also fails the job's status, and a message that trips Celery's own parsing
+    (e.g. a body of ``7``: ``'args' in 7``) is rejected instead of stopping the worker."""
+
+    def create_task_handler(self, *args: Any, **kwargs: Any) -> Any:
+        handle = super().create_task_handler(*args, **kwargs)
+        recoverable = (*self.connection_errors, *self.channel_errors)
+
+        def on_task_received(message: Any) -> Any:
+            try:
+                return handle(message)
+            except recoverable:
+                raise  # Celery reconnects on these
+            except Exception as exc:  # noqa: BLE001  anything else would be "Unrecoverable error"
+                if message.acknowledged:
+                    raise
+                reason = InvalidTaskError(
+                    f"the body is not [args, kwargs, options] ({type(exc).__name__}: {exc})"
+                )
+                return self.on_invalid_task(None, message, reason)
+
+        return on_task_received
 
     def on_decode_error(self, message: Any, exc: Exception) -> None:
         super().on_decode_error(message, exc)
