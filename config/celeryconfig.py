@@ -36,6 +36,11 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         )
     transport = {
         "visibility_timeout": settings.visibility_timeout_s,
+        # A dead worker's job goes back on the queue at the first restore sweep after it
+        # is visibility_timeout old. kombu sweeps on every 10th tick of a 10 s timer by
+        # default, so up to 100 s late; sweep on every tick, a tenth of the timeout apart.
+        "unacked_restore_interval": max(1, min(10, settings.visibility_timeout_s // 10)),
+        "unacked_restore_throttle": 1,
         "socket_keepalive": True,
         "health_check_interval": 10,
         "retry_on_timeout": True,
