@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
+import onnxruntime as ort
 
 from worker.inference.labels import COCO_PANOPTIC
 from worker.inference.sam2 import DECODER_OUTPUTS, EMBEDDING_NAMES, ENCODER_INPUT
@@ -77,7 +78,8 @@ def detr_id2label() -> dict[int, str]:
 
 
 def _import_transformers() -> Any:
-    """torch and transformers, or an ImportError that says how to get them."""
+    """The transformers module (torch is imported above), or an ImportError that says how to
+    install both."""
     if torch is None:
         raise ImportError(f"exporting models needs torch and transformers: {INSTALL_HINT}")
     try:
@@ -123,13 +125,11 @@ def calibration_image(height: int, width: int, seed: int) -> np.ndarray:
 def _max_abs(got: np.ndarray, want: Any) -> float:
     want = want.detach().numpy() if hasattr(want, "detach") else np.asarray(want)
     if got.shape != want.shape:
-        raise AssertionError(f"ONNX output shape {got.shape} != torch {want.shape}")
+        raise RuntimeError(f"the ONNX file gives shape {got.shape} where torch gives {want.shape}")
     return float(np.abs(got.astype(np.float64) - want).max())
 
 
-def _ort_session(path: Path) -> Any:
-    import onnxruntime as ort
-
+def _ort_session(path: Path) -> ort.InferenceSession:
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
@@ -167,6 +167,19 @@ def _export_onnx(
         onnx.save(model, str(path))
     onnx.checker.check_model(str(path))
     return time.perf_counter() - start
+
+
+def _versions(transformers: Any, **settings: Any) -> dict[str, Any]:
+    import onnx
+
+    return {
+        **settings, "torch": torch.__version__, "transformers": transformers.__version__,
+        "onnx": onnx.__version__, "onnxruntime": ort.__version__,
+    }
+
+
+def _write_report(out_dir: Path, report: dict[str, Any]) -> None:
+    (out_dir / "export.json").write_text(json.dumps(report, indent=2) + "\n")
 
 
 def _scale_linear(layer: Any, factor: float) -> None:
@@ -314,6 +327,7 @@ def export_sam2(
     """Write ``out_dir/encoder.onnx`` and ``decoder.onnx``; return the export report."""
     transformers = _import_transformers()
     out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = _versions(transformers, seed=seed, checkpoint=checkpoint, tiny=tiny)
     with torch.no_grad():
         model = build_sam2(seed, checkpoint=checkpoint, tiny=tiny)
@@ -553,6 +567,7 @@ def export_detr(
     """Write ``out_dir/onnx/model.onnx`` and ``out_dir/config.json``; return the export report."""
     transformers = _import_transformers()
     out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = _versions(transformers, seed=seed, checkpoint=checkpoint, tiny=tiny)
     model_path = out_dir / "onnx" / "model.onnx"
     pixel_values = torch.from_numpy(calibration_image(*DETR_SIZE, seed))
@@ -609,20 +624,6 @@ def _verify_detr(
 
 
 # --- CLI --------------------------------------------------------------------------------
-
-
-def _versions(transformers: Any, **settings: Any) -> dict[str, Any]:
-    import onnx
-    import onnxruntime
-
-    return {
-        **settings, "torch": torch.__version__, "transformers": transformers.__version__,
-        "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
-    }
-
-
-def _write_report(out_dir: Path, report: dict[str, Any]) -> None:
-    (out_dir / "export.json").write_text(json.dumps(report, indent=2) + "\n")
 
 
 def _print_report(name: str, report: dict[str, Any]) -> None:

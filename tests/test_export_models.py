@@ -140,6 +140,32 @@ def test_export_matches_torch_and_is_not_degenerate(tiny_models):
     assert (tiny_models / "sam2" / "hf" / "config.json").exists()  # the same weights for torch
 
 
+def test_checkpoint_export_reproduces_the_saved_weights(tiny_models, tmp_path):
+    # hf/ beside a random export is a transformers checkpoint of exactly those weights, so
+    # exporting it as "real weights" must give a model with the same outputs.
+    done = _run(
+        EXPORT_PYTHON, "-m", "bench.export_models", "--out", str(tmp_path),
+        "--checkpoint-sam2", str(tiny_models / "sam2" / "hf"),
+        "--checkpoint-detr", str(tiny_models / "detr" / "hf"),
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert not (tmp_path / "sam2" / "hf").exists()  # nothing to save: the user has them
+    image = np.random.default_rng(2).standard_normal((1, 3, 1024, 1024)).astype(np.float32)
+    pixels = image[:, :, :96, :128]
+    mask = np.ones((1, 64, 64), np.int64)
+    for name, feeds in [
+        ("sam2/encoder.onnx", {"image": image}),
+        ("detr/onnx/model.onnx", {"pixel_values": pixels, "pixel_mask": mask}),
+    ]:
+        want = _session(tiny_models / name).run(None, feeds)
+        got = _session(tmp_path / name).run(None, feeds)
+        for w, g in zip(want, got):
+            np.testing.assert_allclose(g, w, atol=1e-5)
+    labels = [json.loads((d / "detr" / "config.json").read_text())["id2label"] for d in (tmp_path, tiny_models)]
+    assert labels[0] == labels[1]
+
+
 def test_worker_runs_the_exported_files(tiny_models):
     settings = Settings(
         sam2_dir=tiny_models / "sam2", detr_dir=tiny_models / "detr", offline=True,
