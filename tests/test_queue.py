@@ -68,16 +68,9 @@ def test_all_four_job_types_succeed_and_match_the_in_process_pipeline(stack, nam
 def test_status_moves_queued_running_succeeded(stack):
     """With the worker's consumer paused the job is visibly queued; resumed, it runs."""
     uri = stack.upload(PHOTOS["tall.png"], "tall.png")
-    client = stack.client
-    control = client._celery.control
-    worker = stack.workers[0].hostname
-    queue = stack.settings.queue_segment
-    control.cancel_consumer(queue, destination=[worker], reply=True, timeout=5)
-    try:
-        job = client.segment(uri, {"box": [10, 10, 100, 200]})
+    with stack.paused(stack.settings.queue_segment):
+        job = stack.client.segment(uri, {"box": [10, 10, 100, 200]})
         assert job.status().state is JobState.queued
-    finally:
-        control.add_consumer(queue, destination=[worker], reply=True, timeout=5)
     seen: list[str] = []
     st = job.wait(timeout=60, on_update=lambda s: seen.append(s.state.value))
     assert seen[0] == "queued" and seen[-1] == "succeeded"
@@ -119,15 +112,9 @@ def test_idempotency_key_yields_one_job(stack):
 def test_cancelled_job_never_runs(stack):
     uri = stack.upload(PHOTOS["tall.png"])
     client = stack.client
-    control = client._celery.control
-    worker = stack.workers[0].hostname
-    queue = stack.settings.queue_batch
-    control.cancel_consumer(queue, destination=[worker], reply=True, timeout=5)
-    try:
+    with stack.paused(stack.settings.queue_batch):
         job = client.panoptic(uri)
         assert job.cancel().state is JobState.cancelled
-    finally:
-        control.add_consumer(queue, destination=[worker], reply=True, timeout=5)
     after = client.panoptic(uri).wait(timeout=60)  # the queue moved past the cancelled job
     assert after.state is JobState.succeeded
     st = job.status()

@@ -8,6 +8,7 @@ modules never see each other's queues or jobs.
 from __future__ import annotations
 
 import itertools
+from contextlib import contextmanager
 import os
 import uuid
 from dataclasses import dataclass, field
@@ -48,6 +49,18 @@ class Stack:
     def upload(self, data: bytes, name: str | None = None) -> str:
         key = f"uploads/{uuid.uuid4().hex[:8]}/{name or 'image.jpg'}"
         return self.client.upload(data, key, content_type="application/octet-stream")
+
+    @contextmanager
+    def paused(self, queue: str) -> Iterator[None]:
+        """Every worker stops consuming ``queue`` inside the block: jobs sent there stay
+        visibly ``queued`` until it ends."""
+        control = self.client._celery.control  # noqa: SLF001
+        hosts = [w.hostname for w in self.workers]
+        control.cancel_consumer(queue, destination=hosts, reply=True, timeout=5)
+        try:
+            yield
+        finally:
+            control.add_consumer(queue, destination=hosts, reply=True, timeout=5)
 
     def stop_workers(self) -> None:
         for w in self.workers:
