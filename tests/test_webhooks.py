@@ -192,3 +192,43 @@ def test_only_succeeded_and_failed_jobs_send_webhooks(receiver: Receiver, state:
     assert deliver_for_job(webhook_settings(), status, receiver.url) is None
     assert deliver_for_job(webhook_settings(), final_status(), None) is None
     assert receiver.requests == []
+
+
+# --- end to end: a real worker posts the job's outcome -----------------------------------
+
+
+@pytest.fixture(scope="module")
+def webhook_stack(redis_server, s3_server, sam2_repo, detr_repo, tmp_path_factory, module_monkeypatch):
+    from tests.support.stack import make_stack
+
+    s = make_stack(redis_server, s3_server, sam2_repo, detr_repo, tmp_path_factory.mktemp("logs"),
+                   module_monkeypatch, webhook_secret=SECRET, webhook_allow_private=True)
+    s.worker(concurrency=1).start()
+    yield s
+    s.stop_workers()
+
+
+def test_worker_posts_signed_outcomes_of_real_jobs(webhook_stack, receiver):
+    from tests.support.images import sample_jpeg
+
+    uri = webhook_stack.upload(sample_jpeg())
+    client = webhook_stack.client
+    good = client.segment(uri, {"point": [100, 100]}, callback_url=receiver.url)
+    bad = client.segment(uri, {"point": [9999, 1]}, callback_url=receiver.url)
+    good.wait(timeout=60)
+    with pytest.raises(Exception):
+        bad.wait(timeout=60)
+    deadline = time.monotonic() + 30
+    while len(receiver.requests) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    bodies = {}
+    for headers, body in receiver.requests:
+        assert verify_signature(SECRET, headers["X-Segq-Timestamp"], body, headers["X-Segq-Signature"])
+        doc = json.loads(body)
+        bodies[doc["job_id"]] = (headers["X-Segq-Event"], doc)
+    assert bodies[good.id][0] == "job.succeeded" and bodies[good.id][1]["result"]["masks"]
+    assert bodies[bad.id][0] == "job.failed"
+    assert bodies[bad.id][1]["error"]["code"] == "prompt_out_of_bounds"
+    while good.status().webhook is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert good.status().webhook["delivered"] is True
