@@ -108,10 +108,31 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_redis_credentials(url: str) -> None:
+    """A wrong Redis password never heals: stop with a clear error where Celery would try
+    again for ever. An unreachable Redis is left to Celery's retries (it may be starting)."""
+    import redis
+
+    from config.errors import InvalidConfig
+
+    try:
+        with redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=5) as client:
+            client.ping()
+    except redis.AuthenticationError as exc:
+        raise InvalidConfig(
+            f"Redis refused the credentials in SEGQ_REDIS_URL / SEGQ_BROKER_URL: {exc}"
+        ) from None
+    except redis.RedisError:
+        pass
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
     from config.settings import get_settings
 
     settings = get_settings()
+    for url in {settings.redis_url, settings.broker}:
+        if url.startswith(("redis://", "rediss://")):
+            _check_redis_credentials(url)
     from worker.app import app
 
     queues = args.queues or f"{settings.queue_segment},{settings.queue_batch}"

@@ -12,13 +12,13 @@ All jobs go out as one batch against one worker and are waited for together.
 
 from __future__ import annotations
 
-import io
 import struct
 import time
 import uuid
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional
+from typing import Any
 
 import numpy as np
 import pytest
@@ -49,13 +49,17 @@ def real_png_bomb(width: int = 12_000, height: int = 10_000) -> bytes:
     117 KB that would decode to 120 MB (over the default 100-megapixel limit)."""
 
     def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        return (
+            struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        )
 
     packer = zlib.compressobj(9)
     row = b"\x00" * (width + 1)  # filter byte + pixels
     idat = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
     header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+    )
 
 
 def mask_png(width: int, height: int) -> bytes:
@@ -93,59 +97,153 @@ CASES: dict[str, Case] = {
     "decompression_bomb": Case("image_too_large", "over the limit", "{bomb}"),
     "absurd_dimensions": Case("image_too_large", "over the limit", png_bomb(100_000, 100_000)),
     "one_pixel_wide_strip": Case("image_too_small", "at least 2 pixels", png_bomb(100_000, 1)),
-    "one_by_one": Case("image_too_small", "at least 2 pixels",
-                       encode(Image.new("RGB", (1, 1), (9, 9, 9)), "PNG")),  # fmt: skip
+    "one_by_one": Case(
+        "image_too_small", "at least 2 pixels", encode(Image.new("RGB", (1, 1), (9, 9, 9)), "PNG")
+    ),
     "animated_gif": Case("unsupported_image", "more than one frame", animated("GIF")),
-    "over_the_byte_limit": Case("image_too_large", "over the limit", b"\xff" * (MAX_IMAGE_BYTES + 1)),
+    "over_the_byte_limit": Case(
+        "image_too_large", "over the limit", b"\xff" * (MAX_IMAGE_BYTES + 1)
+    ),
     # --- prompts --------------------------------------------------------------------------
-    "point_outside": Case("prompt_out_of_bounds", f"outside the {W}x{H} image", prompt={"point": [W + 1, 5]}),
+    "point_outside": Case(
+        "prompt_out_of_bounds", f"outside the {W}x{H} image", prompt={"point": [W + 1, 5]}
+    ),
     "box_outside": Case("prompt_out_of_bounds", "goes outside", prompt={"box": [40, 10, 30, 10]}),
-    "box_negative_corner": Case("prompt_out_of_bounds", "goes outside", prompt={"box": [-5, 10, 20, 20]}),
-    "too_many_points": Case("invalid_prompt", "over the limit of 64",
-                            prompt={"points": [[1 + i % 60, 1 + i % 40] for i in range(65)]}),  # fmt: skip
-    "nan_coordinate": Case("invalid_prompt", "finite number", prompt={"point": [float("nan"), 5]}, raw=True),
-    "infinite_coordinate": Case("invalid_prompt", "finite number",
-                                prompt={"box": [0, 0, float("inf"), 10]}, raw=True),  # fmt: skip
-    "string_coordinates": Case("invalid_prompt", "point.0", prompt={"point": ["10", "20"]}, raw=True),
-    "empty_point_list": Case("invalid_prompt", "'points' is empty", prompt={"points": []}, raw=True),
-    "zero_size_box": Case("invalid_prompt", "must be positive", prompt={"box": [10, 10, 0, 5]}, raw=True),
-    "negative_size_box": Case("invalid_prompt", "must be positive", prompt={"box": [10, 10, -5, 5]}, raw=True),
-    "labels_do_not_match_points": Case("invalid_prompt", "'labels' has 1 entries for 2 points",
-                                       prompt={"points": [[1, 1], [2, 2]], "labels": [1]}, raw=True),  # fmt: skip
-    "label_not_0_or_1": Case("invalid_prompt", "labels.0", prompt={"point": [3, 3], "labels": [2]}, raw=True),
+    "box_negative_corner": Case(
+        "prompt_out_of_bounds", "goes outside", prompt={"box": [-5, 10, 20, 20]}
+    ),
+    "too_many_points": Case(
+        "invalid_prompt",
+        "over the limit of 64",
+        prompt={"points": [[1 + i % 60, 1 + i % 40] for i in range(65)]},
+    ),
+    "nan_coordinate": Case(
+        "invalid_prompt", "finite number", prompt={"point": [float("nan"), 5]}, raw=True
+    ),
+    "infinite_coordinate": Case(
+        "invalid_prompt", "finite number", prompt={"box": [0, 0, float("inf"), 10]}, raw=True
+    ),
+    "string_coordinates": Case(
+        "invalid_prompt", "point.0", prompt={"point": ["10", "20"]}, raw=True
+    ),
+    "empty_point_list": Case(
+        "invalid_prompt", "'points' is empty", prompt={"points": []}, raw=True
+    ),
+    "zero_size_box": Case(
+        "invalid_prompt", "must be positive", prompt={"box": [10, 10, 0, 5]}, raw=True
+    ),
+    "negative_size_box": Case(
+        "invalid_prompt", "must be positive", prompt={"box": [10, 10, -5, 5]}, raw=True
+    ),
+    "labels_do_not_match_points": Case(
+        "invalid_prompt",
+        "'labels' has 1 entries for 2 points",
+        prompt={"points": [[1, 1], [2, 2]], "labels": [1]},
+        raw=True,
+    ),
+    "label_not_0_or_1": Case(
+        "invalid_prompt", "labels.0", prompt={"point": [3, 3], "labels": [2]}, raw=True
+    ),
     "prompt_not_an_object": Case("invalid_prompt", "malformed prompt", prompt=[3, 3], raw=True),
     # --- options and payload ----------------------------------------------------------------
     "unknown_option": Case("unknown_option", "colour", options={"colour": "red"}, raw=True),
-    "option_of_wrong_type": Case("invalid_payload", "min_score", options={"min_score": "0.5"}, raw=True),
-    "unknown_mask_format": Case("invalid_payload", "mask_formats", options={"mask_formats": ["gif"]}, raw=True),
-    "score_out_of_range": Case("invalid_payload", "min_score", options={"min_score": 1.5}, raw=True),
-    "payload_too_large": Case("payload_too_large", "over the 65536 limit",
-                              prompt={"points": [[1.5, 1.5]] * 6000}, raw=True),  # fmt: skip
-    "image_not_an_s3_uri": Case("invalid_payload", "s3://bucket/key", image="http://127.0.0.1:9/cat.jpg", raw=True),
-    "unknown_model_repo": Case("model_not_allowed", "someone/unknown", options={"repo": "someone/unknown"}),
-    "model_file_outside_repo": Case("model_not_allowed", "relative path",
-                                    options={"encoder_file": "../../../etc/passwd"}),  # fmt: skip
+    "option_of_wrong_type": Case(
+        "invalid_payload", "min_score", options={"min_score": "0.5"}, raw=True
+    ),
+    "unknown_mask_format": Case(
+        "invalid_payload", "mask_formats", options={"mask_formats": ["gif"]}, raw=True
+    ),
+    "score_out_of_range": Case(
+        "invalid_payload", "min_score", options={"min_score": 1.5}, raw=True
+    ),
+    "payload_too_large": Case(
+        "payload_too_large",
+        "over the 65536 limit",
+        prompt={"points": [[1.5, 1.5]] * 6000},
+        raw=True,
+    ),
+    "image_not_an_s3_uri": Case(
+        "invalid_payload", "s3://bucket/key", image="http://127.0.0.1:9/cat.jpg", raw=True
+    ),
+    "unknown_model_repo": Case(
+        "model_not_allowed", "someone/unknown", options={"repo": "someone/unknown"}
+    ),
+    "model_file_outside_repo": Case(
+        "model_not_allowed", "relative path", options={"encoder_file": "../../../etc/passwd"}
+    ),
     # --- locations ----------------------------------------------------------------------------
-    "bucket_not_allowed": Case("forbidden_location", "outside the locations", image="s3://segq-elsewhere/cat.jpg"),
-    "allowed_bucket_missing": Case("bucket_not_found", "no such bucket", image=f"s3://{MISSING_BUCKET}/cat.jpg"),
-    "missing_key": Case("object_not_found", "no such object", image="s3://segq-input/no/such/key.png"),
-    "key_outside_allowed_prefixes": Case("forbidden_location", "outside the locations",
-                                         image="s3://segq-output/jobs/someone-else/cutout.png"),  # fmt: skip
-    "dot_dot_key": Case("forbidden_location", "'..'", image="s3://segq-input/a/../../segq-output/x.png"),
-    "overlay_mask_outside_prefix": Case("forbidden_location", "outside the locations", task="overlay",
-                                        options={"masks": ["s3://segq-output/jobs/other/mask_0.png"]}),  # fmt: skip
-    "overlay_mask_of_another_size": Case("invalid_mask", "10x10", task="overlay", options={"masks": ["{small_mask}"]}),
+    "bucket_not_allowed": Case(
+        "forbidden_location", "outside the locations", image="s3://segq-elsewhere/cat.jpg"
+    ),
+    "allowed_bucket_missing": Case(
+        "bucket_not_found", "no such bucket", image=f"s3://{MISSING_BUCKET}/cat.jpg"
+    ),
+    "missing_key": Case(
+        "object_not_found", "no such object", image="s3://segq-input/no/such/key.png"
+    ),
+    "key_outside_allowed_prefixes": Case(
+        "forbidden_location",
+        "outside the locations",
+        image="s3://segq-output/jobs/someone-else/cutout.png",
+    ),
+    "dot_dot_key": Case(
+        "forbidden_location", "'..'", image="s3://segq-input/a/../../segq-output/x.png"
+    ),
+    "overlay_mask_outside_prefix": Case(
+        "forbidden_location",
+        "outside the locations",
+        task="overlay",
+        options={"masks": ["s3://segq-output/jobs/other/mask_0.png"]},
+    ),
+    "overlay_mask_of_another_size": Case(
+        "invalid_mask", "10x10", task="overlay", options={"masks": ["{small_mask}"]}
+    ),
 }
 
 # Messages no client can produce, published by hand: (how, expected code, hint).
 MALFORMED = {
-    "body_not_json": ("publish", b'{"task": "segq.segment", image', "application/json", "invalid_payload", "not valid"),
-    "body_not_args_kwargs_options": ("publish", b'{"task": "segq.segment"}', "application/json",
-                                     "invalid_payload", "[args, kwargs, options]"),  # fmt: skip
-    "body_a_bare_number": ("publish", b"7", "application/json", "invalid_payload", "[args, kwargs, options]"),
-    "content_type_yaml": ("publish", b"- [1]\n- {}\n- {}\n", "application/x-yaml", "invalid_payload", "untrusted"),
-    "two_arguments": ("args", [{"task": "segq.segment"}, 2], None, "invalid_payload", "got 2 positional"),
-    "keyword_arguments": ("kwargs", {"job": {"task": "segq.segment"}}, None, "invalid_payload", "1 keyword"),
+    "body_not_json": (
+        "publish",
+        b'{"task": "segq.segment", image',
+        "application/json",
+        "invalid_payload",
+        "not valid",
+    ),
+    "body_not_args_kwargs_options": (
+        "publish",
+        b'{"task": "segq.segment"}',
+        "application/json",
+        "invalid_payload",
+        "[args, kwargs, options]",
+    ),
+    "body_a_bare_number": (
+        "publish",
+        b"7",
+        "application/json",
+        "invalid_payload",
+        "[args, kwargs, options]",
+    ),
+    "content_type_yaml": (
+        "publish",
+        b"- [1]\n- {}\n- {}\n",
+        "application/x-yaml",
+        "invalid_payload",
+        "untrusted",
+    ),
+    "two_arguments": (
+        "args",
+        [{"task": "segq.segment"}, 2],
+        None,
+        "invalid_payload",
+        "got 2 positional",
+    ),
+    "keyword_arguments": (
+        "kwargs",
+        {"job": {"task": "segq.segment"}},
+        None,
+        "invalid_payload",
+        "1 keyword",
+    ),
 }
 
 GOOD_CASES = {
@@ -155,14 +253,24 @@ GOOD_CASES = {
 
 
 @pytest.fixture(scope="module")
-def stack(redis_server, s3_server, sam2_repo, detr_repo, tmp_path_factory, module_monkeypatch) -> Iterator[Stack]:
+def stack(
+    redis_server, s3_server, sam2_repo, detr_repo, tmp_path_factory, module_monkeypatch
+) -> Iterator[Stack]:
     """One worker whose deployment allows reading a bucket that does not exist, so that
     both answers for a missing bucket can be seen; the hub is never contacted."""
     s = make_stack(
-        redis_server, s3_server, sam2_repo, detr_repo, tmp_path_factory.mktemp("logs"), module_monkeypatch,
-        max_image_bytes=MAX_IMAGE_BYTES, offline=True,
-    )  # fmt: skip
-    s.settings = s.settings.model_copy(update={"allowed_inputs": [*s.settings.allowed_inputs, f"s3://{MISSING_BUCKET}/"]})
+        redis_server,
+        s3_server,
+        sam2_repo,
+        detr_repo,
+        tmp_path_factory.mktemp("logs"),
+        module_monkeypatch,
+        max_image_bytes=MAX_IMAGE_BYTES,
+        offline=True,
+    )
+    s.settings = s.settings.model_copy(
+        update={"allowed_inputs": [*s.settings.allowed_inputs, f"s3://{MISSING_BUCKET}/"]}
+    )
     s.worker(name="bad").start()
     yield s
     s.stop_workers()
@@ -195,14 +303,19 @@ def publish_body(stack: Stack, body: bytes, content_type: str, task: str = "segq
     queue = app.amqp.queues[task_queues(stack.settings)[task]]
     with app.producer_or_acquire() as producer:
         producer.publish(
-            body, exchange=queue.exchange, routing_key=queue.routing_key, declare=[queue],
-            headers=message.headers, content_type=content_type, content_encoding="utf-8",
+            body,
+            exchange=queue.exchange,
+            routing_key=queue.routing_key,
+            declare=[queue],
+            headers=message.headers,
+            content_type=content_type,
+            content_encoding="utf-8",
             **message.properties,
-        )  # fmt: skip
+        )
     return job_id
 
 
-def final_status(stack: Stack, job_id: str, deadline: float) -> Optional[JobStatus]:
+def final_status(stack: Stack, job_id: str, deadline: float) -> JobStatus | None:
     """The job's final status; None if it has none by ``deadline`` (a raw message's
     record appears only once the worker has seen it)."""
     while time.monotonic() < deadline:
@@ -219,7 +332,7 @@ def final_status(stack: Stack, job_id: str, deadline: float) -> Optional[JobStat
 @dataclass
 class Batch:
     pid_before: int
-    statuses: dict[str, Optional[JobStatus]]
+    statuses: dict[str, JobStatus | None]
     uris: dict[str, str]
 
 
@@ -249,7 +362,9 @@ def batch(stack: Stack) -> Batch:
     for name, case in CASES.items():
         image, options = resolve(case.image), resolve(case.options)
         if case.raw:
-            ids[name] = send_raw(stack, task_name(case.task), args=[job_body(case.task, image, case.prompt, options)])
+            ids[name] = send_raw(
+                stack, task_name(case.task), args=[job_body(case.task, image, case.prompt, options)]
+            )
         else:
             ids[name] = client.submit(case.task, image, case.prompt, **options).id
     for name, data in GOOD_CASES.items():
@@ -269,7 +384,7 @@ def batch(stack: Stack) -> Batch:
     return Batch(pid_before, statuses, uris)
 
 
-def assert_failed(st: Optional[JobStatus], code: str, hint: str) -> None:
+def assert_failed(st: JobStatus | None, code: str, hint: str) -> None:
     assert st is not None, "the job never reached a final state"
     assert st.state is JobState.failed, st
     assert st.error.code == code, st.error
@@ -283,7 +398,9 @@ def test_bad_job_fails_with_its_code_and_a_message_that_says_why(batch: Batch, n
 
 
 @pytest.mark.parametrize("name", sorted(name for name, case in CASES.items() if case.raw))
-def test_client_refuses_at_submit_what_the_worker_fails_with_the_same_code(stack: Stack, batch: Batch, name: str) -> None:
+def test_client_refuses_at_submit_what_the_worker_fails_with_the_same_code(
+    stack: Stack, batch: Batch, name: str
+) -> None:
     case = CASES[name]
     image = batch.uris.get(case.image, case.image)
     with pytest.raises(SegqError) as refused:
@@ -298,7 +415,9 @@ def test_unusual_but_valid_images_succeed(batch: Batch, name: str) -> None:
     assert (st.result["width"], st.result["height"]) == (W, H)
 
 
-def test_unknown_task_name_fails_the_job_and_the_client_refuses_it(stack: Stack, batch: Batch) -> None:
+def test_unknown_task_name_fails_the_job_and_the_client_refuses_it(
+    stack: Stack, batch: Batch
+) -> None:
     assert_failed(batch.statuses["unknown_task"], "unknown_task", "segq.colourise")
     with pytest.raises(SegqError) as refused:
         stack.client.submit("colourise", batch.uris["{good}"])
@@ -312,13 +431,19 @@ def test_malformed_message_fails_the_job_it_names(batch: Batch, name: str) -> No
 
 
 def test_callback_to_a_private_address_is_refused_at_submit(stack: Stack, batch: Batch) -> None:
-    for url in ("http://127.0.0.1:8080/hook", "http://10.1.2.3/hook", "http://169.254.169.254/latest/meta-data"):
+    for url in (
+        "http://127.0.0.1:8080/hook",
+        "http://10.1.2.3/hook",
+        "http://169.254.169.254/latest/meta-data",
+    ):
         with pytest.raises(SegqError) as refused:
             stack.client.segment(batch.uris["{good}"], callback_url=url)
         assert refused.value.code == "invalid_url" and "public" in refused.value.message
 
 
-def test_worker_survives_the_batch_and_the_next_good_job_succeeds(stack: Stack, batch: Batch) -> None:
+def test_worker_survives_the_batch_and_the_next_good_job_succeeds(
+    stack: Stack, batch: Batch
+) -> None:
     worker = stack.workers[0]
     assert worker.proc.poll() is None, worker.log()[-4000:]
     assert worker_pid(stack) == batch.pid_before == worker.proc.pid

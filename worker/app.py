@@ -76,7 +76,8 @@ class Consumer(CeleryConsumer):
     def on_decode_error(self, message: Any, exc: Exception) -> None:
         super().on_decode_error(message, exc)
         try:
-            _refuse(message, InvalidPayload(f"message body is not valid {message.content_type}: {exc}"))
+            why = f"message body is not valid {message.content_type}: {exc}"
+            _refuse(message, InvalidPayload(why))
         except Exception:  # noqa: BLE001  the consumer must go on (Redis may be down)
             log.exception("could not record the refused message")
 
