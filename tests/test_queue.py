@@ -149,3 +149,22 @@ def test_cli_submit_status_wait_through_the_entry_point(stack):
     assert bad.returncode == 2 and "prompt_out_of_bounds" in bad.stderr
     unknown = run("status", "nope")
     assert unknown.returncode == 2 and "job_not_found" in unknown.stderr
+
+
+def test_async_client_submits_and_waits(stack):
+    import asyncio
+
+    from api_client.client import AsyncSegmentationClient
+
+    uri = stack.upload(PHOTOS["tall.png"])
+
+    async def main():
+        client = AsyncSegmentationClient(stack.settings)
+        jobs = await asyncio.gather(*(client.segment(uri, {"point": [x, 40]}) for x in (10, 50, 90)))
+        done = await asyncio.gather(*(client.wait(j.id, timeout=60) for j in jobs))
+        return jobs, done, await client.presigned_urls(jobs[0].id)
+
+    jobs, done, urls = asyncio.run(main())
+    assert len({j.id for j in jobs}) == 3
+    assert all(st.state is JobState.succeeded for st in done)
+    assert "mask_0.png" in urls
