@@ -163,6 +163,7 @@ class Prompt(BaseModel):
 # --- options ---------------------------------------------------------------------------
 
 Score = Annotated[float, Field(strict=True, ge=0.0, le=1.0, allow_inf_nan=False)]
+Flag = Annotated[bool, Field(strict=True)]
 MaskFormat = Literal["png", "rle"]
 
 
@@ -173,7 +174,7 @@ class _Options(BaseModel):
 
 
 class SegmentOptions(_Options):
-    multimask: bool = False
+    multimask: Flag = False
     min_score: Optional[Score] = None
     mask_formats: list[MaskFormat] = Field(default_factory=lambda: ["png", "rle"])
     repo: Optional[str] = None
@@ -192,18 +193,18 @@ class PanopticOptions(_Options):
 
 
 class CutoutOptions(SegmentOptions):
-    crop: bool = False
+    crop: Flag = False
 
 
 class OverlayOptions(PanopticOptions):
     alpha: Annotated[float, Field(strict=True, ge=0.0, le=1.0, allow_inf_nan=False)] = 0.5
-    outline: bool = False
+    outline: Flag = False
     format: Literal["png", "jpeg"] = "png"
     masks: Optional[list[str]] = Field(
         None, description="s3:// URIs of mask PNGs to draw instead of running a model."
     )
     # overlay of a SAM prompt's masks instead of panoptic segments
-    multimask: bool = False
+    multimask: Flag = False
     encoder_file: Optional[str] = None
     decoder_file: Optional[str] = None
 
@@ -277,7 +278,7 @@ def parse_prompt(raw: Any) -> Optional[Prompt]:
         raise InvalidPrompt(f"malformed prompt: {_describe(e)}") from None
 
 
-def parse_request(raw: Any, *, max_bytes: int = 64 << 10) -> JobRequest:
+def parse_request(raw: Any, *, max_bytes: int = 64 << 10, max_points: int = 64) -> JobRequest:
     """Validate a message body (dict or JSON text) into a ``JobRequest``, or raise a
     ``SegqError`` whose code says what is wrong."""
     if isinstance(raw, (str, bytes)):
@@ -307,6 +308,8 @@ def parse_request(raw: Any, *, max_bytes: int = 64 << 10) -> JobRequest:
         raise InvalidPayload(f"bad payload: {_describe(e)}") from None
     req.ref  # noqa: B018  validates the URI
     req.typed_options()
+    if req.prompt is not None and len(req.prompt.all_points) > max_points:
+        raise InvalidPrompt(f"{len(req.prompt.all_points)} points is over the limit of {max_points}")
     return req
 
 

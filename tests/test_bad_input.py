@@ -116,6 +116,7 @@ CASES: dict[str, Case] = {
         "invalid_prompt",
         "over the limit of 64",
         prompt={"points": [[1 + i % 60, 1 + i % 40] for i in range(65)]},
+        raw=True,
     ),
     "nan_coordinate": Case(
         "invalid_prompt", "finite number", prompt={"point": [float("nan"), 5]}, raw=True

@@ -70,7 +70,7 @@ def execute(runtime: Runtime, payload: Any, delivery: Delivery) -> Optional[dict
     status = runtime.status
     job_id = delivery.job_id
     try:
-        request = parse_request(payload, max_bytes=settings.max_payload_bytes)
+        request = parse_request(payload, max_bytes=settings.max_payload_bytes, max_points=settings.max_points)
     except SegqError as err:
         _ensure_record(runtime, job_id, payload)
         _fail(runtime, job_id, _task_of(payload), err)
