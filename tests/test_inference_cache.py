@@ -93,6 +93,10 @@ class CountingSession:
         self.runs += 1
         return self._session.run(*args, **kwargs)
 
+    def run_with_iobinding(self, *args, **kwargs):
+        self.runs += 1
+        return self._session.run_with_iobinding(*args, **kwargs)
+
     def __getattr__(self, name: str):
         return getattr(self._session, name)
 

@@ -104,3 +104,41 @@ def test_threads_share_one_model(sam2_repo: Path) -> None:
     with ThreadPoolExecutor(4) as pool:
         got = list(pool.map(lambda p: model.predict(embedding, Prompt(point=p))[0].mask, points))
     assert all(np.array_equal(a, b) for a, b in zip(expected, got))
+
+
+def test_embeddings_stay_on_the_encoders_device(sam2_repo) -> None:
+    import onnxruntime as ort
+    from PIL import Image
+
+    from worker.inference import load_sam2
+
+    model = load_sam2(Settings(sam2_dir=sam2_repo, providers=["CPUExecutionProvider"]))
+    embedding = model.encode(Image.new("RGB", (64, 48), (10, 20, 30)))
+    assert model.device == "cpu" and embedding.device == "cpu"  # "cuda" with the CUDA provider
+    assert all(isinstance(v, ort.OrtValue) for v in embedding.features.values())
+    assert embedding.nbytes == 4 * (32 * 256 * 256 + 64 * 128 * 128 + 256 * 64 * 64)
+
+
+def test_float16_copy_keeps_float32_io_and_halves_the_weights(tmp_path, detr_repo) -> None:
+    import onnx
+
+    from worker.inference.sessions import float16_copy
+
+    source = detr_repo / "onnx" / "model.onnx"
+    converted = float16_copy(source, cache_dir=tmp_path)
+    assert float16_copy(source, cache_dir=tmp_path) == converted  # converted once
+    model = onnx.load(str(converted))
+    floats = {i.name: i.type.tensor_type.elem_type for i in [*model.graph.input, *model.graph.output]}
+    assert floats["pixel_values"] == onnx.TensorProto.FLOAT and floats["logits"] == onnx.TensorProto.FLOAT
+    sizes = {1: 0, 10: 0}  # float32 and float16 weight elements
+    for t in model.graph.initializer:
+        if t.data_type in sizes:
+            sizes[t.data_type] += int(np.prod(t.dims))
+    assert sizes[10] > 10 * sizes[1]  # a few operands (clip bounds) stay float32 by design
+
+
+def test_fp16_without_cuda_runs_float32(sam2_repo, caplog) -> None:
+    with caplog.at_level("WARNING"):
+        session = get_session(sam2_repo / "decoder.onnx", Settings(fp16=True, providers=["CPUExecutionProvider"]))
+    assert "needs the CUDA provider" in caplog.text
+    assert session.get_inputs()[0].type == "tensor(float)"

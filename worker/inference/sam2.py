@@ -35,14 +35,29 @@ LABEL_BACKGROUND, LABEL_FOREGROUND, LABEL_BOX_TOP_LEFT, LABEL_BOX_BOTTOM_RIGHT =
 
 @dataclass(frozen=True)
 class Sam2Embedding:
-    """The encoder's outputs for one image, and that image's size."""
+    """The encoder's outputs for one image, and that image's size.
 
-    features: Mapping[str, np.ndarray]
+    The features are ``OrtValue``s on the device the encoder ran on: with the CUDA provider
+    they stay in GPU memory, cached there, and go to the decoder without a round trip
+    through the host."""
+
+    features: Mapping[str, ort.OrtValue]
     image_size: tuple[int, int]  # (width, height) of the original image
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in self.features.values())
+        return sum(int(np.prod(v.shape())) * _ITEM_BYTES[v.data_type()] for v in self.features.values())
+
+    @property
+    def device(self) -> str:
+        return next(iter(self.features.values())).device_name()
+
+    def numpy(self, name: str) -> np.ndarray:
+        """One feature copied to host memory (for inspection and tests)."""
+        return self.features[name].numpy()
+
+
+_ITEM_BYTES = {"tensor(float)": 4, "tensor(float16)": 2, "tensor(double)": 8}
 
 
 @dataclass(frozen=True)
@@ -88,13 +103,23 @@ class Sam2Model:
     def provider(self) -> str:
         return provider(self.encoder)
 
+    @property
+    def device(self) -> str:
+        """Where embeddings live between encoder and decoder: "cuda" or "cpu"."""
+        return "cuda" if self.provider == "CUDAExecutionProvider" else "cpu"
+
     def preprocess(self, image: Image.Image) -> np.ndarray:
         """float32 ``[1, 3, 1024, 1024]``: the image stretched (not letterboxed) and normalised."""
         return to_model_input(image, self.input_width, self.input_height)
 
     def encode(self, image: Image.Image) -> Sam2Embedding:
-        outputs = self.encoder.run(list(EMBEDDING_NAMES), {ENCODER_INPUT: self.preprocess(image)})
-        return Sam2Embedding(features=dict(zip(EMBEDDING_NAMES, outputs)), image_size=image.size)
+        binding = self.encoder.io_binding()
+        binding.bind_cpu_input(ENCODER_INPUT, self.preprocess(image))
+        for name in EMBEDDING_NAMES:
+            binding.bind_output(name, self.device)
+        self.encoder.run_with_iobinding(binding)
+        features = dict(zip(EMBEDDING_NAMES, binding.get_outputs()))
+        return Sam2Embedding(features=features, image_size=image.size)
 
     def embed_cached(
         self, image: ImageSource, key: Optional[str], cache: Optional[EmbeddingCache]
@@ -147,15 +172,20 @@ class Sam2Model:
         """
         width, height = embedding.image_size
         coords, labels = self.prompt_arrays(prompt, width, height)
-        feeds = {name: embedding.features[name] for name in EMBEDDING_NAMES}
-        feeds.update(
-            point_coords=coords,
-            point_labels=labels,
-            mask_input=self._mask_input,
-            has_mask_input=self._has_mask_input,
-        )
-        logits, scores = self.decoder.run(list(DECODER_OUTPUTS), feeds)
-        logits, scores = logits[0], scores[0]
+        binding = self.decoder.io_binding()
+        for name in EMBEDDING_NAMES:
+            binding.bind_ortvalue_input(name, embedding.features[name])
+        for name, array in (
+            ("point_coords", coords),
+            ("point_labels", labels),
+            ("mask_input", self._mask_input),
+            ("has_mask_input", self._has_mask_input),
+        ):
+            binding.bind_cpu_input(name, array)
+        for name in DECODER_OUTPUTS:
+            binding.bind_output(name, "cpu")  # small: 3 x 256 x 256 logits and 3 scores
+        self.decoder.run_with_iobinding(binding)
+        logits, scores = (out[0] for out in binding.copy_outputs_to_cpu())
         order = np.argsort(-scores, kind="stable") if multimask else [int(np.argmax(scores))]
         return [
             Sam2Mask(

@@ -4,10 +4,13 @@ each loading its own copy of the weights."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Optional
 
 import onnxruntime as ort
 
@@ -34,17 +37,48 @@ def usable_providers(wanted: Iterable[str]) -> list[str]:
 def get_session(path: Path, settings: Settings) -> ort.InferenceSession:
     """The process's session for ``path`` with the providers and threads of ``settings``."""
     providers = tuple(usable_providers(settings.providers))
+    fp16 = settings.fp16 and providers[0] == "CUDAExecutionProvider"
+    if settings.fp16 and not fp16:
+        log.warning("SEGQ_FP16 needs the CUDA provider; %s runs in float32 on %s", Path(path).name, providers[0])
     key = (
         str(Path(path).resolve()),
         providers,
         settings.intra_op_threads,
         settings.inter_op_threads,
+        fp16,
     )
     with _lock:
         session = _sessions.get(key)
         if session is None:
-            session = _sessions[key] = _create(Path(path), providers, settings)
+            source = float16_copy(Path(path)) if fp16 else Path(path)
+            session = _sessions[key] = _create(source, providers, settings)
     return session
+
+
+def float16_copy(path: Path, cache_dir: Optional[Path] = None) -> Path:
+    """``path`` with its weights and arithmetic in float16 and its inputs and outputs still
+    float32 (so callers feed and read the same arrays), converted once and kept beside the
+    user's cache. Halves GPU memory and uses the tensor cores; CPU kernels mostly lack float16."""
+    try:
+        from onnxconverter_common import float16
+    except ImportError:
+        raise ModelIncompatible(
+            "SEGQ_FP16 needs onnxconverter-common: pip install 'segq[gpu]'"
+        ) from None
+    import onnx
+
+    stat = path.stat()
+    tag = hashlib.sha1(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    root = cache_dir or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "segq" / "fp16"
+    target = root / f"{path.stem}-{tag}.onnx"
+    if not target.exists():
+        root.mkdir(parents=True, exist_ok=True)
+        model = float16.convert_float_to_float16(onnx.load(str(path)), keep_io_types=True)
+        partial = target.with_suffix(".partial")
+        onnx.save(model, str(partial))
+        partial.replace(target)  # never a half-written model under the final name
+        log.info("converted %s to float16 at %s", path.name, target)
+    return target
 
 
 def provider(session: ort.InferenceSession) -> str:
