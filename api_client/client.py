@@ -20,14 +20,17 @@ import io
 import json
 import time
 import uuid
+from contextlib import contextmanager
 from functools import cached_property
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
+import redis
 from celery import Celery
+from kombu.exceptions import OperationalError
 
 from config.celeryconfig import celery_config, task_queues
 from config.contract import JobState, JobStatus, parse_request, task_name
-from config.errors import JobCancelled, JobFailed, JobNotFound, JobTimeout
+from config.errors import JobCancelled, JobFailed, JobNotFound, JobTimeout, QueueUnavailable
 from config.settings import Settings, get_settings
 from worker.status import StatusStore
 from worker.storage import Storage
@@ -37,6 +40,19 @@ if TYPE_CHECKING:
     from PIL import Image
 
 PromptLike = Optional[dict[str, Any]]
+
+
+@contextmanager
+def _redis_reachable(action: str) -> Iterator[None]:
+    """Redis down past the status store's reconnect budget, or a publish the broker
+    refuses, becomes ``QueueUnavailable``: producers see "try again later" with a code,
+    not redis-py's or kombu's traceback. A wrong password is no outage and stays as it is."""
+    try:
+        yield
+    except redis.AuthenticationError:
+        raise
+    except (redis.ConnectionError, redis.TimeoutError, OperationalError) as exc:
+        raise QueueUnavailable(f"cannot {action}: Redis is unreachable ({exc})") from exc
 
 
 class Job:
@@ -116,23 +132,24 @@ class SegmentationClient:
         body = request.model_dump(mode="json", exclude_none=True)
         job_id = job_id or uuid.uuid4().hex
 
-        if idempotency_key:
-            job_id, created = self._status.idempotent_create(idempotency_key, job_id, name, image)
-            if not created:
-                return Job(self, job_id, name, created=False)
-        else:
-            self._status.create(job_id, name, image)
-        try:
-            self._celery.send_task(
-                name, args=[body], task_id=job_id, queue=task_queues(self.settings)[name],
-                # Celery's default repr cuts nesting at depth 3, so Flower showed the
-                # prompt as [...]; the JSON is small (payload size is capped) and whole.
-                argsrepr=json.dumps([body]),
-            )
-        except Exception:
-            # Nothing was queued: leave no "queued" record that would never move.
-            self._status.discard(job_id, idempotency_key)
-            raise
+        with _redis_reachable(f"submit a {name} job"):
+            if idempotency_key:
+                job_id, created = self._status.idempotent_create(idempotency_key, job_id, name, image)
+                if not created:
+                    return Job(self, job_id, name, created=False)
+            else:
+                self._status.create(job_id, name, image)
+            try:
+                self._celery.send_task(
+                    name, args=[body], task_id=job_id, queue=task_queues(self.settings)[name],
+                    # Celery's default repr cuts nesting at depth 3, so Flower showed the
+                    # prompt as [...]; the JSON is small (payload size is capped) and whole.
+                    argsrepr=json.dumps([body]),
+                )
+            except Exception:
+                # Nothing was queued: leave no "queued" record that would never move.
+                self._status.discard(job_id, idempotency_key)
+                raise
         return Job(self, job_id, name)
 
     def segment(self, image: str, prompt: PromptLike = None, **kwargs: Any) -> Job:
@@ -155,7 +172,8 @@ class SegmentationClient:
 
     def status(self, job_id: str) -> JobStatus:
         """The job's current record; ``JobNotFound`` if no such job (or it expired)."""
-        found = self._status.get(job_id)
+        with _redis_reachable(f"read the status of job {job_id}"):
+            found = self._status.get(job_id)
         if found is None:
             raise JobNotFound(f"no job {job_id!r} (never submitted, or its status expired)")
         return found
@@ -188,8 +206,9 @@ class SegmentationClient:
 
     def cancel(self, job_id: str) -> JobStatus:
         """Cancel a queued job: it ends ``cancelled`` and never runs."""
-        st = self._status.cancel(job_id)
-        self._celery.control.revoke(job_id)
+        with _redis_reachable(f"cancel job {job_id}"):
+            st = self._status.cancel(job_id)
+            self._celery.control.revoke(job_id)
         return st
 
     # --- outputs -------------------------------------------------------------------

@@ -23,10 +23,15 @@ def ask_workers(
 ) -> dict[str, dict]:
     app = Celery("segq-health", config_source=celery_config(settings), set_as_current=False)
     destination = [hostname] if hostname else None
+    # A connection of its own, not one from kombu's process-wide pool: after a Redis
+    # restart a pooled connection reconnects its socket under kombu's poller, which then
+    # never sees the replies, so a long-lived process would find every worker silent.
     try:
-        replies = app.control.broadcast(
-            "segq_health", reply=True, timeout=timeout, destination=destination
-        )
+        with app.connection_for_write() as connection:
+            replies = app.control.broadcast(
+                "segq_health", reply=True, timeout=timeout, destination=destination,
+                connection=connection,
+            )  # fmt: skip
     finally:
         app.close()
     merged: dict[str, dict] = {}

@@ -190,6 +190,14 @@ class InvalidTransition(SegqError):
     code = "invalid_transition"
 
 
+class QueueUnavailable(SegqError):
+    """Redis (the broker or the job status store) cannot be reached, even after the
+    client's reconnect attempts: nothing was submitted or read; try again later."""
+
+    code = "queue_unavailable"
+    retryable = True
+
+
 class JobTimeout(SegqError):
     code = "timeout"
 
