@@ -10,11 +10,21 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from config.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]
+
+# `segq worker` with test-only modules imported first (e.g. tests.support.poison), so the
+# worker under test still starts through the product's own entry point.
+_IMPORT_THEN_SEGQ = (
+    "import importlib, sys\n"
+    "for name in sys.argv.pop(1).split(','):\n"
+    "    importlib.import_module(name)\n"
+    "from api_client.cli import main\n"
+    "sys.exit(main())\n"
+)
 
 
 def settings_env(settings: Settings) -> dict[str, str]:
@@ -43,6 +53,7 @@ class WorkerProcess:
         concurrency: int = 2,
         extra_env: Optional[dict[str, str]] = None,
         name: Optional[str] = None,
+        imports: Sequence[str] = (),
     ) -> None:
         self.settings = settings
         self.hostname = f"{name or 'w'}-{uuid.uuid4().hex[:6]}@test"
@@ -50,12 +61,16 @@ class WorkerProcess:
         self.pool = pool
         self.concurrency = concurrency
         self.env = {**os.environ, **settings_env(settings), "PYTHONUNBUFFERED": "1", **(extra_env or {})}
+        self.imports = list(imports)
         self.proc: Optional[subprocess.Popen] = None
+        self._log_start = 0
 
     def start(self, *, wait: bool = True, timeout: float = 90) -> "WorkerProcess":
         log = open(self.log_path, "ab")
+        self._log_start = log.tell()
+        entry = ["-c", _IMPORT_THEN_SEGQ, ",".join(self.imports)] if self.imports else ["-m", "api_client.cli"]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "api_client.cli", "worker", "--pool", self.pool,
+            [sys.executable, *entry, "worker", "--pool", self.pool,
              "--concurrency", str(self.concurrency), "--hostname", self.hostname,
              "--loglevel", "INFO"],
             env=self.env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
@@ -72,9 +87,17 @@ class WorkerProcess:
             if self.proc is not None and self.proc.poll() is not None:
                 raise RuntimeError(f"worker exited with {self.proc.returncode}:\n{self.log()[-4000:]}")
             report = ask_workers(self.settings, hostname=self.hostname, timeout=0.5).get(self.hostname)
-            if report and report.get("ready"):
+            if report and (report.get("ready") or self._children_ready()):
                 return report
         raise TimeoutError(f"worker {self.hostname} not ready after {timeout}s:\n{self.log()[-4000:]}")
+
+    def _children_ready(self) -> bool:
+        """A prefork worker's main process never loads models (its children do), so its
+        health answer stays "loading"; it is ready once every child has logged so."""
+        if self.pool != "prefork":
+            return False
+        started = self.log_path.read_bytes()[self._log_start:].decode(errors="replace")
+        return started.count("models ready") >= self.concurrency
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

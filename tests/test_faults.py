@@ -1,0 +1,225 @@
+"""Nothing lost: faults injected for real against a real worker, Redis and S3.
+
+Workers are killed with SIGKILL (or kill themselves through ``tests.support.poison``, a
+test-only module the worker imports: image keys with ``slow-``, ``kill-`` or ``torn-``
+misbehave once the job is ``running``), stopped with SIGTERM, and Redis and S3 are
+stopped and started again on the same ports and data. Each test starts the workers it
+needs, so a fault meant for one kind of pool never lands on another.
+
+The stack runs with short limits so redelivery is quick: a visibility timeout of 8 s
+(kombu restores a dead worker's unacknowledged message once it is that old), a hard time
+limit below it and a soft one below that.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Iterator
+
+import kombu.pools
+import numpy as np
+import pytest
+from PIL import Image
+
+from config.contract import JobState, JobStatus
+from config.errors import JobFailed, QueueUnavailable
+from tests.support.images import encode, noise_rgb
+from tests.support.stack import Stack, make_stack
+from tests.support.worker import WorkerProcess
+from worker.pipelines import Pipelines
+
+VISIBILITY_S = 8
+MAX_DELIVERIES = 3
+POISON = ["tests.support.poison"]
+IMAGE = encode(Image.fromarray(noise_rgb(96, 64, seed=7)), "PNG")
+PROMPT = {"point": [40, 30]}
+
+
+@pytest.fixture(scope="module")
+def stack(redis_server, s3_server, sam2_repo, detr_repo, tmp_path_factory, module_monkeypatch) -> Iterator[Stack]:
+    s = make_stack(
+        redis_server, s3_server, sam2_repo, detr_repo, tmp_path_factory.mktemp("logs"), module_monkeypatch,
+        visibility_timeout_s=VISIBILITY_S, time_limit_s=VISIBILITY_S - 2, soft_time_limit_s=VISIBILITY_S - 3,
+        max_deliveries=MAX_DELIVERIES, max_retries=20,
+    )  # fmt: skip
+    yield s
+    s.stop_workers()
+
+
+@pytest.fixture
+def workers(stack: Stack, tmp_path: Path) -> Iterator["Workers"]:
+    w = Workers(stack, tmp_path / "poison.log")
+    yield w
+    stack.stop_workers()
+
+
+class Workers:
+    """Starts this test's workers (in parallel) and reads what the poison module did."""
+
+    def __init__(self, stack: Stack, poison_log: Path) -> None:
+        self.stack = stack
+        self.poison_log = poison_log
+
+    def start(self, count: int = 1, *, poison: bool = False, slow_s: float = 3, **kwargs) -> list[WorkerProcess]:
+        env = {"POISON_LOG": str(self.poison_log), "POISON_SLOW_S": str(slow_s)}
+        started = []
+        for _ in range(count):
+            w = self.stack.worker(imports=POISON if poison else (), **kwargs)
+            w.env.update(env)
+            started.append(w.start(wait=False))
+        for w in started:
+            w.wait_ready()
+        return started
+
+    def kills(self) -> list[str]:
+        return self.poison_log.read_text().splitlines() if self.poison_log.exists() else []
+
+
+def wait_for(predicate, timeout: float, what: str, poll: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def assert_outputs_whole(stack: Stack, job, status: JobStatus) -> None:
+    """The manifest and every output exist, decode, and equal what the in-process
+    pipeline makes from the same input: no object is missing, partial or stale."""
+    expected = Pipelines(stack.settings).cutout(IMAGE, PROMPT)
+    manifest = json.loads(job.output("manifest.json"))
+    assert manifest["job_id"] == job.id and manifest["result"]["outputs"] == status.result["outputs"]
+    assert set(status.result["outputs"]) == set(expected.files)
+    for name, (data, _) in expected.files.items():
+        stored = job.output(name)
+        assert stored == data, f"{name} differs from the in-process pipeline"
+        Image.open(io.BytesIO(stored)).load()
+
+
+# --- 1. a worker killed mid-job ---------------------------------------------------------
+
+
+def test_threads_worker_killed_mid_upload_job_runs_again_elsewhere_whole(stack: Stack, workers: Workers) -> None:
+    """SIGKILL of a whole threads-pool worker after it wrote one output and before the
+    manifest: the message stays unacknowledged in Redis until it is older than the
+    visibility timeout, then the surviving worker's periodic restore sweep puts it back
+    on the queue and the job runs again there, overwriting its own outputs."""
+    first, second = workers.start(2, poison=True)
+    uri = stack.upload(IMAGE, "torn-threads.png")
+    job = stack.client.cutout(uri, PROMPT)
+    t0 = time.monotonic()
+
+    dead = wait_for(lambda: [w for w in (first, second) if w.proc.poll() is not None], 20, "a worker to die")
+    killed_at = time.monotonic()
+    assert len(dead) == 1 and dead[0].proc.returncode == -9
+    survivor = second if dead[0] is first else first
+    torn = job.status()
+    assert torn.state is JobState.running and torn.attempts == 1 and torn.worker == dead[0].hostname
+    assert not stack.client.storage.exists(f"{stack.settings.output_prefix}{job.id}/manifest.json")
+
+    # the survivor goes on serving while the lost job waits out the visibility timeout
+    other = stack.client.cutout(stack.upload(IMAGE, "plain.png"), PROMPT).wait(timeout=10)
+    assert other.worker == survivor.hostname and job.status().state is JobState.running
+
+    st = job.wait(timeout=VISIBILITY_S + 20)
+    recovered = time.monotonic() - killed_at
+    print(f"threads kill: redelivered and done {recovered:.1f}s after the kill, {time.monotonic() - t0:.1f}s after submit")
+    assert st.attempts == 2 and st.worker == survivor.hostname
+    assert [line.split()[:2] for line in workers.kills()] == [["torn", job.id]]
+    assert_outputs_whole(stack, job, st)
+
+
+def test_prefork_child_killed_mid_upload_job_is_requeued_at_once_and_whole(stack: Stack, workers: Workers) -> None:
+    """Under prefork only the pool child dies: Celery sees WorkerLostError and, with
+    ``task_reject_on_worker_lost``, puts the message back at once (no visibility wait);
+    the job runs again on a fresh child of the same worker."""
+    (worker,) = workers.start(poison=True, pool="prefork", concurrency=1)
+    job = stack.client.cutout(stack.upload(IMAGE, "torn-prefork.png"), PROMPT)
+    t0 = time.monotonic()
+    st = job.wait(timeout=30)
+    print(f"prefork child kill: done after {time.monotonic() - t0:.1f}s")
+    assert [line.split()[:2] for line in workers.kills()] == [["torn", job.id]]
+    assert st.attempts == 2 and st.worker == worker.hostname and worker.proc.poll() is None
+    assert_outputs_whole(stack, job, st)
+
+
+# --- 2. a poison job --------------------------------------------------------------------
+
+
+def test_poison_job_ends_worker_lost_after_max_deliveries_and_others_succeed(stack: Stack, workers: Workers) -> None:
+    """A job that kills its pool child on every delivery is run ``max_deliveries`` times;
+    the next delivery ends it ``failed``/``worker_lost`` without running it, instead of
+    killing children for ever. Jobs beside it succeed and the worker lives on."""
+    (worker,) = workers.start(poison=True, pool="prefork", concurrency=2)
+    poison = stack.client.cutout(stack.upload(IMAGE, "kill-always.png"), PROMPT)
+    good_uri = stack.upload(IMAGE, "good.png")
+    good = [stack.client.cutout(good_uri, PROMPT) for _ in range(4)]
+    with pytest.raises(JobFailed) as info:
+        poison.wait(timeout=60)
+    assert info.value.job_code == "worker_lost"
+    st = poison.status()
+    assert st.attempts == MAX_DELIVERIES + 1  # the last delivery only records the verdict
+    assert [line.split()[:2] for line in workers.kills()] == [["kill", poison.id]] * MAX_DELIVERIES
+    assert all(job.wait(timeout=30).state is JobState.succeeded for job in good)
+    assert worker.proc.poll() is None
+
+
+# --- 3. Redis restarts --------------------------------------------------------------------
+
+
+def test_redis_crash_and_restart_loses_no_queued_job_or_status(stack: Stack, workers: Workers, redis_server) -> None:
+    """Redis is SIGKILLed (no chance to save: only its AOF, fsynced on every write, keeps
+    the data) and started again on the same port. Meanwhile a submit fails with a clear
+    ``queue_unavailable``; afterwards the same client and the same worker carry on by
+    themselves, the jobs queued before the crash run, and every status is still there."""
+    (worker,) = workers.start()
+    client = stack.client  # one client across the restart: it must reconnect by itself
+    control = client._celery.control  # noqa: SLF001
+    uri = stack.upload(IMAGE, "redis.png")
+    done = client.cutout(uri, PROMPT).wait(timeout=20)
+    batch = stack.settings.queue_batch
+    control.cancel_consumer(batch, destination=[worker.hostname], reply=True, timeout=5)
+    queued = [client.panoptic(uri) for _ in range(2)]
+    assert {job.status().state for job in queued} == {JobState.queued}
+
+    os.kill(redis_server.pid, signal.SIGKILL)
+    try:
+        redis_server.stop()  # reaps it
+        t0 = time.monotonic()
+        with pytest.raises(QueueUnavailable) as info:
+            client.cutout(uri, PROMPT)
+        print(f"redis down: submit refused after {time.monotonic() - t0:.1f}s: {info.value}")
+    finally:
+        redis_server.start()
+    restarted = time.monotonic()
+    try:
+        assert client.status(done.job_id) == done
+        assert {job.status().state for job in queued} == {JobState.queued}
+        # The worker's consumer reconnects on its own; only then does it hear the command.
+        wait_for(lambda: control_reply(stack, "add_consumer", batch, worker.hostname), 30, "the worker to reconnect")
+        for job in queued:
+            st = job.wait(timeout=30)
+            assert st.attempts == 1 and st.worker == worker.hostname
+        after = client.cutout(uri, PROMPT).wait(timeout=30)
+        assert after.worker == worker.hostname and worker.proc.poll() is None
+        print(f"redis restart: queued jobs and a new one done {time.monotonic() - restarted:.1f}s after the restart")
+    finally:
+        # kombu's process-wide pool still holds connections whose sockets Redis dropped;
+        # control replies on them are never seen, so later tests start from fresh ones.
+        kombu.pools.reset()
+
+
+def control_reply(stack: Stack, command: str, queue: str, hostname: str) -> list:
+    """A control command with its reply over a connection of its own (see ``kombu.pools``
+    above)."""
+    app = stack.client._celery  # noqa: SLF001
+    with app.connection_for_write() as connection:
+        send = getattr(app.control, command)
+        return send(queue, destination=[hostname], reply=True, timeout=1, connection=connection)
