@@ -37,10 +37,15 @@ def _run(task: Task, args: tuple, kwargs: dict) -> Optional[dict[str, Any]]:
     try:
         return execute(runtime, args[0], delivery)
     except RetryLater as later:
-        raise task.retry(countdown=later.countdown, max_retries=None) from later.error
+        raise task.retry(countdown=later.countdown) from later.error
 
 
-_common = dict(bind=True, acks_late=True, reject_on_worker_lost=True, Request=CheckedRequest)
+# ``execute`` counts retries against ``settings.max_retries`` itself. Celery's own limit must
+# be off (None on the task: ``retry(max_retries=None)`` means "the task's default", 3), or
+# it drops the job after the third retry and leaves its status ``queued`` for ever.
+_common = dict(
+    bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=None, Request=CheckedRequest
+)
 
 
 @app.task(name=TASK_SEGMENT, **_common)
