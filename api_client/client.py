@@ -16,6 +16,7 @@ fails at submit time rather than in a worker.
 from __future__ import annotations
 
 import asyncio
+import re
 import io
 import json
 import time
@@ -30,7 +31,14 @@ from kombu.exceptions import OperationalError
 
 from config.celeryconfig import celery_config, task_queues
 from config.contract import JobState, JobStatus, parse_request, task_name
-from config.errors import JobCancelled, JobFailed, JobNotFound, JobTimeout, QueueUnavailable
+from config.errors import (
+    InvalidPayload,
+    JobCancelled,
+    JobFailed,
+    JobNotFound,
+    JobTimeout,
+    QueueUnavailable,
+)
 from config.settings import Settings, get_settings
 from worker.status import StatusStore
 from worker.storage import Storage
@@ -40,6 +48,8 @@ if TYPE_CHECKING:
     from PIL import Image
 
 PromptLike = Optional[dict[str, Any]]
+# job ids become S3 key segments and Redis key suffixes: keep them plain
+_JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 
 
 @contextmanager
@@ -128,9 +138,13 @@ class SegmentationClient:
         if callback_url:
             check_url(callback_url, allow_private=self.settings.webhook_allow_private)
             payload["callback_url"] = callback_url
-        request = parse_request(payload, max_bytes=self.settings.max_payload_bytes)
+        request = parse_request(
+            payload, max_bytes=self.settings.max_payload_bytes, max_points=self.settings.max_points
+        )
         body = request.model_dump(mode="json", exclude_none=True)
         job_id = job_id or uuid.uuid4().hex
+        if not _JOB_ID.fullmatch(job_id):
+            raise InvalidPayload(f"job ids are 1-128 letters, digits, '-' or '_'; got {job_id!r}")
 
         with _redis_reachable(f"submit a {name} job"):
             if idempotency_key:

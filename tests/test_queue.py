@@ -168,3 +168,10 @@ def test_async_client_submits_and_waits(stack):
     assert len({j.id for j in jobs}) == 3
     assert all(st.state is JobState.succeeded for st in done)
     assert "mask_0.png" in urls
+
+
+def test_client_refuses_job_ids_that_are_not_plain(stack):
+    from config.errors import InvalidPayload
+
+    with pytest.raises(InvalidPayload):
+        stack.client.segment("s3://segq-input/x.jpg", job_id="../../etc")
