@@ -21,9 +21,10 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Union
 
 import numpy as np
+from PIL import Image
 
 from config.contract import (
     CutoutOptions,
@@ -36,9 +37,10 @@ from config.contract import (
 from config.errors import InvalidPayload
 from config.settings import Settings
 from worker.imaging import compose, encode, masks as maskio
-from worker.imaging.decode import DecodedImage, load_image
+from worker.imaging.decode import DecodedImage, load_image, read_size
 from worker.inference import load_detr, load_sam2
 from worker.inference.cache import EmbeddingCache
+from worker.inference.detr import model_input_size
 
 ImageInput = Union[bytes, DecodedImage]
 PromptInput = Union[Prompt, dict, None]
@@ -52,18 +54,26 @@ class JobOutput:
 
 
 class Timer:
-    """Collects wall time per named stage (seconds), summing repeated stages."""
+    """Collects wall time per named stage (seconds), summing repeated stages. A stage
+    entered inside another counts for itself, not for the outer one, so the stages add
+    up to the job's time (a decode that happens only on an embedding-cache miss runs
+    inside ``encode_image``)."""
 
     def __init__(self, into: dict[str, float]) -> None:
         self.timings = into
+        self._inner = [0.0]  # per open stage: time spent in stages nested in it
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
         t0 = time.perf_counter()
+        self._inner.append(0.0)
         try:
             yield
         finally:
-            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t0
+            elapsed = time.perf_counter() - t0
+            own = elapsed - self._inner.pop()
+            self._inner[-1] += elapsed
+            self.timings[name] = self.timings.get(name, 0.0) + own
 
 
 PNG = "image/png"
@@ -111,8 +121,6 @@ class Pipelines:
         """Load the named models ("sam2", "detr") and run each once on a small image,
         so the first job pays no session-creation or arena-growth cost. Returns the
         execution provider each model runs on."""
-        from PIL import Image
-
         probe = Image.new("RGB", (64, 48), (90, 120, 150))
         providers: dict[str, str] = {}
         if "sam2" in models:
@@ -132,7 +140,12 @@ class Pipelines:
 
     # --- shared steps ------------------------------------------------------------------
 
-    def decode(self, data: ImageInput, timer: Timer) -> DecodedImage:
+    def decode(
+        self, data: ImageInput, timer: Timer, *, model_side: Optional[int] = None
+    ) -> DecodedImage:
+        """The job's image. ``model_side``: only a model will see the pixels, resized so
+        that no side needs more than this; with ``settings.fast_jpeg_decode`` a large JPEG
+        is then decoded at reduced scale (see ``load_image``'s ``reduce_to``)."""
         if isinstance(data, DecodedImage):
             return data
         with timer.stage("decode"):
@@ -141,30 +154,47 @@ class Pipelines:
                 max_pixels=self.settings.max_image_pixels,
                 max_bytes=self.settings.max_image_bytes,
                 min_side=self.settings.min_image_side,
+                reduce_to=model_side if self.settings.fast_jpeg_decode else None,
+            )
+
+    def size(self, data: ImageInput, timer: Timer) -> tuple[int, int]:
+        """The image's displayed (width, height), from its header alone."""
+        if isinstance(data, DecodedImage):
+            return data.size
+        with timer.stage("decode"):
+            return read_size(
+                data,
+                max_pixels=self.settings.max_image_pixels,
+                max_bytes=self.settings.max_image_bytes,
+                min_side=self.settings.min_image_side,
             )
 
     def sam2_masks(
         self,
-        image: DecodedImage,
+        size: tuple[int, int],
+        pixels: Callable[[], Image.Image],
         prompt: PromptInput,
         options: SegmentOptions | OverlayOptions,
         out: JobOutput,
         *,
         image_id: Optional[str] = None,
     ) -> list:
+        """SAM 2's masks for ``prompt`` on the image of ``size``; ``pixels`` is called for
+        the image only when its embedding is not cached under ``image_id``."""
         timer = Timer(out.timings)
         prompt = parse_prompt(prompt)
         if prompt is not None:
-            prompt.check_bounds(image.width, image.height, self.settings.max_points)
+            prompt.check_bounds(*size, self.settings.max_points)
         model = self.sam2(options)
         encoded: list[bool] = []
 
-        def pixels():
+        def image() -> Image.Image:
             encoded.append(True)
-            return image.rgb
+            return pixels()
 
+        key = image_id or _digest(pixels())
         with timer.stage("encode_image"):
-            embedding = model.embed_cached(pixels, image_id or _digest(image), self.cache)
+            embedding = model.embed_cached(image, key, self.cache, size)
         out.result["embedding_cache"] = "miss" if encoded else "hit"
         with timer.stage("decode_prompt"):
             return model.predict(
@@ -188,9 +218,16 @@ class Pipelines:
         options = _options(SegmentOptions, options, kwargs)
         out = JobOutput()
         timer = Timer(out.timings)
-        image = self.decode(data, timer)
-        image_id = image_id or _bytes_id(data)
-        found = self.sam2_masks(image, prompt, options, out, image_id=image_id)
+        width, height = self.size(data, timer)  # a cached embedding needs no pixels
+        side = self.sam2(options).input_side
+        found = self.sam2_masks(
+            (width, height),
+            lambda: self.decode(data, timer, model_side=side).rgb,
+            prompt,
+            options,
+            out,
+            image_id=image_id or _bytes_id(data),
+        )
         entries = []
         with timer.stage("encode_output"):
             for i, m in enumerate(found):
@@ -202,7 +239,7 @@ class Pipelines:
                 if "rle" in options.mask_formats:
                     entry["rle"] = maskio.rle_encode(m.mask)
                 entries.append(entry)
-        out.result.update(width=image.width, height=image.height, masks=entries)
+        out.result.update(width=width, height=height, masks=entries)
         return out
 
     def panoptic(
@@ -215,7 +252,8 @@ class Pipelines:
         options = _options(PanopticOptions, options, kwargs)
         out = JobOutput()
         timer = Timer(out.timings)
-        image = self.decode(data, timer)
+        detr_side = max(model_input_size(*self.size(data, timer)))
+        image = self.decode(data, timer, model_side=detr_side)
         panoptic = self._panoptic(image, options, timer)
         with timer.stage("encode_output"):
             segments = []
@@ -248,6 +286,7 @@ class Pipelines:
                 mask_threshold=options.mask_threshold,
                 overlap_threshold=options.overlap_threshold,
                 min_score=options.min_score,
+                size=image.size,
             )
 
     def cutout(
@@ -265,8 +304,10 @@ class Pipelines:
         out = JobOutput()
         timer = Timer(out.timings)
         image = self.decode(data, timer)
-        image_id = image_id or _bytes_id(data)
-        best = self.sam2_masks(image, prompt, options, out, image_id=image_id)
+        best = self.sam2_masks(
+            image.size, lambda: image.rgb, prompt, options, out,
+            image_id=image_id or _bytes_id(data),
+        )
         if not best:
             out.result.update(width=image.width, height=image.height, cutout=None,
                               reason="no mask scored above min_score")
@@ -307,8 +348,10 @@ class Pipelines:
             layers = list(masks)
             legend = [_mask_entry(m, index=i) for i, m in enumerate(layers)]
         elif prompt is not None:
-            image_id = image_id or _bytes_id(data)
-            found = self.sam2_masks(image, prompt, options, out, image_id=image_id)
+            found = self.sam2_masks(
+                image.size, lambda: image.rgb, prompt, options, out,
+                image_id=image_id or _bytes_id(data),
+            )
             layers = [m.mask for m in found]
             legend = [_mask_entry(m.mask, index=i, score=float(m.score)) for i, m in enumerate(found)]
         else:
@@ -357,7 +400,7 @@ def _bytes_id(data: ImageInput) -> Optional[str]:
     return "sha1:" + hashlib.sha1(data).hexdigest() if isinstance(data, bytes) else None
 
 
-def _digest(image: DecodedImage) -> str:
+def _digest(pixels: Image.Image) -> str:
     """Content identity when the caller gives none (no S3 ETag): a hash of the pixels
     the encoder sees, so the same picture re-uploaded still hits the cache."""
-    return "sha1:" + hashlib.sha1(image.rgb.tobytes()).hexdigest()
+    return "sha1:" + hashlib.sha1(pixels.tobytes()).hexdigest()

@@ -84,27 +84,7 @@ def load_image(
     by 0.13 levels of 255 on average, 1 at the 99th percentile and 10 at worst (sharp
     edges). Use it only for model input; cutouts and overlays need a full decode.
     """
-    if len(data) > max_bytes:
-        raise ImageTooLarge(
-            f"image is {len(data)} bytes, over the limit of {max_bytes}",
-            bytes=len(data),
-            max_bytes=max_bytes,
-        )
-    if not data:
-        raise InvalidImage("image is empty (0 bytes)")
-    try:
-        img = Image.open(io.BytesIO(data), formats=FORMATS)
-    except UnidentifiedImageError:
-        raise InvalidImage(
-            f"not an image in a supported format ({', '.join(FORMATS)}); "
-            f"{len(data)} bytes starting {bytes(data[:8])!r}"
-        ) from None
-    except Image.DecompressionBombError as e:
-        raise ImageTooLarge(f"image declares too many pixels: {e}") from None
-    except Exception as e:  # Pillow reports a corrupt header with many exception types
-        raise InvalidImage(f"unreadable image header: {e}") from None
-
-    with img:
+    with _open(data, max_bytes) as img:
         width, height = img.size
         described = f"{img.format} image of {width}x{height}"
         _check_header(img, described, max_pixels=max_pixels, min_side=min_side)
@@ -125,6 +105,44 @@ def load_image(
     return DecodedImage(
         rgb=rgb, alpha=alpha, width=width, height=height, format=img.format, mode=mode, rgba=rgba
     )
+
+
+def read_size(data: bytes, *, max_pixels: int, max_bytes: int, min_side: int = 2) -> tuple[int, int]:
+    """The displayed ``(width, height)`` of ``data`` (EXIF orientation applied) from its
+    header, with every check ``load_image`` makes before decoding a pixel, and the same
+    errors. Enough for a job whose pixels are already known (a cached SAM 2 embedding)."""
+    with _open(data, max_bytes) as img:
+        width, height = img.size
+        _check_header(img, f"{img.format} image of {width}x{height}", max_pixels=max_pixels,
+                      min_side=min_side)
+        try:
+            turned = img.getexif().get(ExifTags.Base.Orientation, 1) in _QUARTER_TURNS
+        except Exception as e:  # a corrupt EXIF block, in any of Pillow's types
+            raise InvalidImage(f"{img.format} image has unreadable metadata: {e}") from None
+    return (height, width) if turned else (width, height)
+
+
+def _open(data: bytes, max_bytes: int) -> Image.Image:
+    """Pillow's lazy image for ``data``: header read, no pixel decoded yet."""
+    if len(data) > max_bytes:
+        raise ImageTooLarge(
+            f"image is {len(data)} bytes, over the limit of {max_bytes}",
+            bytes=len(data),
+            max_bytes=max_bytes,
+        )
+    if not data:
+        raise InvalidImage("image is empty (0 bytes)")
+    try:
+        return Image.open(io.BytesIO(data), formats=FORMATS)
+    except UnidentifiedImageError:
+        raise InvalidImage(
+            f"not an image in a supported format ({', '.join(FORMATS)}); "
+            f"{len(data)} bytes starting {bytes(data[:8])!r}"
+        ) from None
+    except Image.DecompressionBombError as e:
+        raise ImageTooLarge(f"image declares too many pixels: {e}") from None
+    except Exception as e:  # Pillow reports a corrupt header with many exception types
+        raise InvalidImage(f"unreadable image header: {e}") from None
 
 
 def _check_header(img: Image.Image, described: str, *, max_pixels: int, min_side: int) -> None:

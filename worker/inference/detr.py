@@ -106,7 +106,10 @@ class DetrPanopticModel:
         mask_threshold: float = 0.5,
         overlap_threshold: float = 0.8,
         min_score: Optional[float] = None,
+        size: Optional[tuple[int, int]] = None,
     ) -> PanopticResult:
+        """Segments of ``image``, at ``size`` (width, height) when ``image`` is a reduced
+        decode of a larger picture (default: its own size)."""
         pixel_values = self.preprocess(image)
         feeds = {"pixel_values": pixel_values}
         if self._wants_pixel_mask:
@@ -118,7 +121,7 @@ class DetrPanopticModel:
         return postprocess(
             logits[0],
             pred_masks[0],
-            image.size,
+            size or image.size,
             id2label=self.id2label,
             thing_ids=self.thing_ids,
             threshold=threshold,

@@ -104,6 +104,11 @@ class Sam2Model:
         return provider(self.encoder)
 
     @property
+    def input_side(self) -> int:
+        """The encoder's longest input side: an image needs no more pixels than this."""
+        return max(self.input_width, self.input_height)
+
+    @property
     def device(self) -> str:
         """Where embeddings live between encoder and decoder: "cuda" or "cpu"."""
         return "cuda" if self.provider == "CUDAExecutionProvider" else "cpu"
@@ -112,24 +117,31 @@ class Sam2Model:
         """float32 ``[1, 3, 1024, 1024]``: the image stretched (not letterboxed) and normalised."""
         return to_model_input(image, self.input_width, self.input_height)
 
-    def encode(self, image: Image.Image) -> Sam2Embedding:
+    def encode(self, image: Image.Image, size: Optional[tuple[int, int]] = None) -> Sam2Embedding:
+        """The embedding of ``image``; ``size`` is the (width, height) prompts and masks refer
+        to when ``image`` is a reduced decode of a larger picture (default: its own)."""
         binding = self.encoder.io_binding()
         binding.bind_cpu_input(ENCODER_INPUT, self.preprocess(image))
         for name in EMBEDDING_NAMES:
             binding.bind_output(name, self.device)
         self.encoder.run_with_iobinding(binding)
         features = dict(zip(EMBEDDING_NAMES, binding.get_outputs()))
-        return Sam2Embedding(features=features, image_size=image.size)
+        return Sam2Embedding(features=features, image_size=size or image.size)
 
     def embed_cached(
-        self, image: ImageSource, key: Optional[str], cache: Optional[EmbeddingCache]
+        self,
+        image: ImageSource,
+        key: Optional[str],
+        cache: Optional[EmbeddingCache],
+        size: Optional[tuple[int, int]] = None,
     ) -> Sam2Embedding:
         """The embedding of ``image`` (or of what the loader returns), from ``cache`` under
         ``key`` when it is there. ``key`` names the image's content (e.g. an S3 URI with its
-        ETag); the model's name is added to it, so models never share entries."""
+        ETag); the model's name is added to it, so models never share entries. ``size`` as
+        for ``encode``."""
 
         def compute() -> Sam2Embedding:
-            return self.encode(image() if callable(image) else image)
+            return self.encode(image() if callable(image) else image, size)
 
         if cache is None or key is None:
             return compute()
