@@ -93,7 +93,7 @@ CASES: dict[str, Case] = {
     "not_an_image": Case("invalid_image", "not an image", b"name,score\ncat,0.9\n"),
     "zero_bytes": Case("invalid_image", "empty", b""),
     "truncated_jpeg": Case("invalid_image", "could not be decoded", truncated(GOOD_JPEG)),
-    "truncated_png": Case("invalid_image", "could not be decoded", truncated(GOOD_PNG)),
+    "truncated_png": Case("invalid_image", "truncated", truncated(GOOD_PNG)),
     "decompression_bomb": Case("image_too_large", "over the limit", "{bomb}"),
     "absurd_dimensions": Case("image_too_large", "over the limit", png_bomb(100_000, 100_000)),
     "one_pixel_wide_strip": Case("image_too_small", "at least 2 pixels", png_bomb(100_000, 1)),
