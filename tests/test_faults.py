@@ -374,3 +374,21 @@ def test_cancel_racing_the_worker_exactly_one_wins(stack: Stack, workers: Worker
             assert st.state is JobState.cancelled and st.attempts == 0 and st.started_at is None
             assert not any(client.storage.exists(output(stack, job_id, name)) for name in OUTPUTS)
     print(f"cancel race: {sum(won.values())} cancels won, {len(won) - sum(won.values())} came too late")
+
+
+# --- 7. time limits under the threads pool ----------------------------------------------------
+
+
+def test_threads_pool_job_over_its_time_limit_fails_with_timeout(stack: Stack, workers: Workers) -> None:
+    """Celery enforces time limits only in the prefork pool; under threads a job over its
+    soft limit still ends ``failed``/``timeout`` at its next stage, and the worker goes on."""
+    worker_limit = 1
+    worker = stack.worker(imports=POISON, concurrency=1)
+    worker.env.update(POISON_SLOW_S="2.5", SEGQ_SOFT_TIME_LIMIT_S=str(worker_limit))
+    worker.start()
+    client = stack.client
+    slow = client.cutout(stack.upload(IMAGE, "slow-overtime.png"), PROMPT)
+    with pytest.raises(JobFailed) as info:
+        slow.wait(timeout=30)
+    assert info.value.job_code == "timeout" and f"{worker_limit}s" in info.value.message
+    assert client.cutout(stack.upload(IMAGE, "quick.png"), PROMPT).wait(timeout=30).state is JobState.succeeded

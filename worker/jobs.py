@@ -28,7 +28,7 @@ from config.contract import (
 )
 from celery.exceptions import SoftTimeLimitExceeded
 
-from config.errors import JobTimeout, SegqError, WorkerLost
+from config.errors import InvalidTransition, JobTimeout, SegqError, WorkerLost
 from worker import metrics
 from worker.imaging.masks import mask_from_png
 from worker.pipelines import JobOutput
@@ -93,11 +93,21 @@ def execute(runtime: Runtime, payload: Any, delivery: Delivery) -> Optional[dict
         return None
 
     try:
-        result, timings = run_job(runtime, request, job_id, on_stage=lambda s: status.stage(job_id, s))
+        deadline = time.monotonic() + settings.soft_time_limit_s
+
+        def on_stage(name: str) -> None:
+            # Celery enforces time limits only in the prefork pool; under threads a job
+            # still stops at its next stage once over its limit.
+            if time.monotonic() > deadline:
+                raise JobTimeout(f"the job ran past its {settings.soft_time_limit_s}s time limit")
+            status.stage(job_id, name)
+
+        result, timings = run_job(runtime, request, job_id, on_stage=on_stage)
     except SegqError as err:
         if err.retryable and delivery.retries < settings.max_retries:
             countdown = backoff(delivery.retries, settings.retry_backoff_s, settings.retry_backoff_max_s)
-            status.requeue(job_id, f"{err.code}: {err.message}")
+            if not _still_ours(lambda: status.requeue(job_id, f"{err.code}: {err.message}"), job_id):
+                return None
             metrics.RETRIES.labels(request.task, err.code).inc()
             log.warning("job %s: %s; retry %d in %.1fs", job_id, err, delivery.retries + 1, countdown)
             raise RetryLater(err, countdown) from err
@@ -115,10 +125,23 @@ def execute(runtime: Runtime, payload: Any, delivery: Delivery) -> Optional[dict
         _fail(runtime, job_id, request.task, err, request.callback_url)
         return None
 
-    final = status.succeed(job_id, result, timings)
+    final = _still_ours(lambda: status.succeed(job_id, result, timings), job_id)
+    if final is None:
+        return None
     metrics.record_job(request.task, "succeeded", timings=timings, cache=result.get("embedding_cache"))
     _notify(runtime, final, request.callback_url)
     return result
+
+
+def _still_ours(transition: Callable[[], JobStatus], job_id: str) -> Optional[JobStatus]:
+    """Apply a transition that needs the job ``running``. A second delivery of the same
+    job (a redelivery that raced a slow first run) may have ended it already: then the
+    first ending stands and this run's outputs, written under the same keys, are the same."""
+    try:
+        return transition()
+    except InvalidTransition as err:
+        log.warning("job %s: another delivery already ended it (%s); keeping that outcome", job_id, err)
+        return None
 
 
 def refuse_message(runtime: Runtime, job_id: str, task: str, err: SegqError) -> None:
