@@ -314,3 +314,15 @@ def test_health_of_a_missing_worker_exits_nonzero(obs):
     done = _segq(obs.env(), "health", "--hostname", "nobody@nowhere", "--timeout", "2")
     assert done.returncode == 1
     assert "no answer from worker nobody@nowhere" in done.stderr
+
+
+def test_health_of_a_prefork_worker_counts_every_child(stack) -> None:
+    """The prefork parent holds no models; it is ready once each pool child has loaded
+    them and run its probe."""
+    worker = stack.worker(pool="prefork", concurrency=2, name="pre").start()
+    try:
+        report = worker.wait_ready(timeout=90)
+        assert report["pool"] == "prefork" and report["children"] == 2
+        assert report["providers"]["sam2"] == "CPUExecutionProvider" and report["probe_ms"] is not None
+    finally:
+        worker.terminate()

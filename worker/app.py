@@ -121,16 +121,24 @@ def _load_in_worker(sender=None, **_: object) -> None:
 
 
 @signals.worker_process_init.connect
-def _load_in_child(**_: object) -> None:
+def _load_in_child(sender: Any = None, **_: object) -> None:
     from worker.runtime import get_runtime
 
-    get_runtime().load_models()
+    runtime = get_runtime()
+    runtime.load_models()
+    # The parent answers health checks but holds no models: tell it, through Redis,
+    # what this child loaded and that a probe inference ran here.
+    runtime.report_child_ready(str(sender))
 
 
 @control_command()
-def segq_health(state: object, **_: object) -> dict:
+def segq_health(state: Any, **_: object) -> dict:
     """Answer ``segq health``: ready only once models are loaded and a fresh inference
-    on them succeeds."""
+    on them succeeds (in a prefork worker: in every pool child)."""
     from worker.runtime import get_runtime
 
+    pool = getattr(getattr(state, "consumer", None), "pool", None)
+    if pool is not None and _is_prefork(type(pool)):
+        children = [p.pid for p in pool._pool._pool]  # noqa: SLF001  billiard's process list
+        return get_runtime().children_health(state.hostname, children)
     return get_runtime().health()

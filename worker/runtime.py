@@ -6,7 +6,9 @@ by every task thread. Tests and benchmarks build their own ``Runtime`` directly.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 import time
@@ -74,6 +76,35 @@ class Runtime:
         except Exception as exc:  # noqa: BLE001  any failure means not ready
             report["reason"] = f"probe inference failed: {type(exc).__name__}: {exc}"
         return report
+
+
+    def report_child_ready(self, hostname: str) -> None:
+        """A prefork child's health, kept where its parent can read it."""
+        report = json.dumps({**self.health(), "pid": os.getpid()})
+        self.status.redis.set(_child_key(hostname, os.getpid()), report, ex=self.settings.status_ttl_s)
+
+    def children_health(self, hostname: str, pids: list[int]) -> dict:
+        """A prefork parent's answer: ready when every live pool child reported ready."""
+        keys = [_child_key(hostname, pid) for pid in pids]
+        reports = [json.loads(raw) if raw else None for raw in self.status.redis.mget(keys)] if keys else []
+        missing = [pid for pid, r in zip(pids, reports) if not (r and r.get("ready"))]
+        first = next((r for r in reports if r), {})
+        out = {
+            "ready": bool(pids) and not missing,
+            "pool": "prefork",
+            "children": len(pids),
+            "providers": first.get("providers", {}),
+            "models": first.get("models", []),
+            "load_seconds": first.get("load_seconds"),
+            "probe_ms": first.get("probe_ms"),
+        }
+        if missing:
+            out["reason"] = f"pool children {missing} have not loaded their models yet"
+        return out
+
+
+def _child_key(hostname: str, pid: int) -> str:
+    return f"segq:worker:{hostname}:{pid}:health"
 
 
 _runtime: Optional[Runtime] = None

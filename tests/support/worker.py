@@ -63,11 +63,9 @@ class WorkerProcess:
         self.env = {**os.environ, **settings_env(settings), "PYTHONUNBUFFERED": "1", **(extra_env or {})}
         self.imports = list(imports)
         self.proc: Optional[subprocess.Popen] = None
-        self._log_start = 0
 
     def start(self, *, wait: bool = True, timeout: float = 90) -> "WorkerProcess":
         log = open(self.log_path, "ab")
-        self._log_start = log.tell()
         entry = ["-c", _IMPORT_THEN_SEGQ, ",".join(self.imports)] if self.imports else ["-m", "api_client.cli"]
         self.proc = subprocess.Popen(
             [sys.executable, *entry, "worker", "--pool", self.pool,
@@ -87,17 +85,9 @@ class WorkerProcess:
             if self.proc is not None and self.proc.poll() is not None:
                 raise RuntimeError(f"worker exited with {self.proc.returncode}:\n{self.log()[-4000:]}")
             report = ask_workers(self.settings, hostname=self.hostname, timeout=0.5).get(self.hostname)
-            if report and (report.get("ready") or self._children_ready()):
+            if report and report.get("ready"):
                 return report
         raise TimeoutError(f"worker {self.hostname} not ready after {timeout}s:\n{self.log()[-4000:]}")
-
-    def _children_ready(self) -> bool:
-        """A prefork worker's main process never loads models (its children do), so its
-        health answer stays "loading"; it is ready once every child has logged so."""
-        if self.pool != "prefork":
-            return False
-        started = self.log_path.read_bytes()[self._log_start:].decode(errors="replace")
-        return started.count("models ready") >= self.concurrency
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
