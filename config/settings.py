@@ -82,7 +82,11 @@ class Settings(BaseSettings):
         default_factory=lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"],
         description="onnxruntime execution providers, in order of preference.",
     )
-    intra_op_threads: int = Field(0, description="0 lets onnxruntime choose.")
+    intra_op_threads: int = Field(
+        1,
+        description="onnxruntime intra-op threads per model call; 0 lets onnxruntime choose "
+        "(all cores). Cores / concurrency keeps concurrent jobs from oversubscribing the CPU.",
+    )
     inter_op_threads: int = Field(0, description="onnxruntime inter-op threads; 0 lets it choose.")
     fp16: bool = Field(False, description="Run the models in float16 (CUDA provider only; converted at load).")
     fast_jpeg_decode: bool = Field(
