@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional, Union
@@ -95,6 +96,9 @@ class Pipelines:
         self.settings = settings
         self.cache = cache if cache is not None else EmbeddingCache(settings.embedding_cache_bytes)
         self._lock = threading.Lock()
+        # zlib releases the GIL, so a job's PNGs compress here while it does its RLE and
+        # area work (12 MP encode_output: segment with 3 masks 121 -> 78 ms, panoptic 161 -> 121)
+        self._png = ThreadPoolExecutor(max_workers=2, thread_name_prefix="segq-png")
 
     # --- models ---------------------------------------------------------------------
 
@@ -230,15 +234,17 @@ class Pipelines:
         )
         entries = []
         with timer.stage("encode_output"):
+            pngs = {}
             for i, m in enumerate(found):
                 name = f"mask_{i}"
                 entry = _mask_entry(m.mask, score=float(m.score))
                 if "png" in options.mask_formats:
-                    out.files[f"{name}.png"] = (maskio.mask_to_png(m.mask), PNG)
+                    pngs[f"{name}.png"] = self._png.submit(maskio.mask_to_png, m.mask)
                     entry["png"] = f"{name}.png"
                 if "rle" in options.mask_formats:
                     entry["rle"] = maskio.rle_encode(m.mask)
                 entries.append(entry)
+            out.files.update((name, (png.result(), PNG)) for name, png in pngs.items())
         out.result.update(width=width, height=height, masks=entries)
         return out
 
@@ -256,6 +262,9 @@ class Pipelines:
         image = self.decode(data, timer, model_side=detr_side)
         panoptic = self._panoptic(image, options, timer)
         with timer.stage("encode_output"):
+            png = None
+            if "png" in options.mask_formats:
+                png = self._png.submit(maskio.label_map_to_png, panoptic.segmentation)
             segments = []
             for seg in panoptic.segments:
                 entry = {
@@ -270,8 +279,8 @@ class Pipelines:
                 if "rle" in options.mask_formats:
                     entry["rle"] = maskio.rle_encode(panoptic.segmentation == seg.id)
                 segments.append(entry)
-            if "png" in options.mask_formats:
-                out.files["segments.png"] = (maskio.label_map_to_png(panoptic.segmentation), PNG)
+            if png is not None:
+                out.files["segments.png"] = (png.result(), PNG)
         out.result = {"width": image.width, "height": image.height, "segments": segments}
         if "png" in options.mask_formats:
             out.result["segmentation"] = "segments.png"
@@ -316,8 +325,9 @@ class Pipelines:
         with timer.stage("compose"):
             rgba = compose.cutout(image, mask.mask, crop=options.crop)
         with timer.stage("encode_output"):
+            mask_png = self._png.submit(maskio.mask_to_png, mask.mask)
             out.files["cutout.png"] = (encode.encode_png(rgba), PNG)
-            out.files["mask.png"] = (maskio.mask_to_png(mask.mask), PNG)
+            out.files["mask.png"] = (mask_png.result(), PNG)
         out.result.update(
             width=image.width,
             height=image.height,
