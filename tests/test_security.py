@@ -167,9 +167,18 @@ def test_reads_stay_inside_the_allowed_prefix_end_to_end(stack: Stack) -> None:
 
 @pytest.mark.parametrize("job_id", ["../../escaped", "a/../../../escaped"])
 def test_a_job_id_cannot_steer_outputs_out_of_the_output_prefix(stack: Stack, job_id: str) -> None:
-    job = stack.client.segment(upload(stack, ALLOWED), {"point": [5, 5]}, job_id=job_id)
+    image = upload(stack, ALLOWED)
+    with pytest.raises(SegqError) as refused:  # the client refuses such an id outright
+        stack.client.segment(image, {"point": [5, 5]}, job_id=job_id)
+    assert refused.value.code == "invalid_payload"
+    # sent by hand, the worker still keeps its outputs inside the prefix
+    body = {"task": "segq.segment", "image": image, "prompt": {"point": [5, 5]}, "options": {}}
+    stack.client._status.create(job_id, "segq.segment", image)  # noqa: SLF001
+    stack.client._celery.send_task(  # noqa: SLF001
+        "segq.segment", args=[body], task_id=job_id, queue=stack.settings.queue_segment
+    )
     with pytest.raises(JobFailed) as failed:
-        job.wait(timeout=TIMEOUT_S)
+        stack.client.wait(job_id, timeout=TIMEOUT_S)
     assert failed.value.job_code == "forbidden_location"
     s3 = stack.s3.client()
     keys = [
