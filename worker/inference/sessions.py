@@ -131,6 +131,11 @@ def _create(path: Path, providers: tuple[str, ...], settings: Settings) -> ort.I
     # the full-size models (2 cores, CPU), a worker's RSS after a few jobs was 7.3 GB with
     # them and 4.7 GB without, at the same speed (interleaved medians within noise).
     options.enable_mem_pattern = False
+    # onnxruntime's pool threads spin for a while after each call, and each session has its
+    # own pool: right after the encoder, SAM 2's decoder took 41 ms against 28 without the
+    # spinning (2 cores; encoder and DETR alike within noise), and the numpy work after a
+    # model call competes with spinning threads as well.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         session = ort.InferenceSession(str(path), sess_options=options, providers=list(providers))
     except Exception as e:  # onnxruntime raises its own untyped errors for unreadable models
