@@ -1,0 +1,63 @@
+"""The benchmark's own machinery on the tiny test models: it runs every job type beside the
+raw calls it compares them with, makes camera-like photos, and hands a worker subprocess
+exactly the settings it was given. (The real figures need the full-size models: see
+bench/README.md.)"""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+
+import onnxruntime as ort
+from PIL import Image
+
+from bench.pipeline import JOBS, bench_pipelines, photo_jpeg
+from bench.queue import _settings_env
+from bench.run import format_pipelines, gpu_status, main
+from config import Settings
+
+
+def test_pipelines_run_beside_their_raw_calls(sam2_repo, detr_repo) -> None:
+    settings = Settings(sam2_dir=sam2_repo, detr_dir=detr_repo, providers=["CPUExecutionProvider"])
+    report = bench_pipelines(settings, rounds=1, sizes={"small": (320, 240)})
+    size = report["sizes"]["small"]
+    assert set(size["jobs"]) == set(JOBS)
+    assert {"encoder", "decoder", "sam2", "detr"} <= set(size["raw_ms"])
+    for job in size["jobs"].values():
+        assert job["ratio_to_raw"] > 0 and job["total_ms"] > 0
+        assert job["stages_ms"]["decode"] >= 0
+    assert size["image"]["detr_input"] == [1066, 800]
+    assert size["reprompt"]["cached_ms"] > 0
+    assert "small" in format_pipelines(report)
+
+
+def test_photos_are_camera_like() -> None:
+    data = photo_jpeg(640, 480)
+    assert Image.open(io.BytesIO(data)).size == (640, 480)
+    # sensor grain: a flat or smooth picture compresses to a fraction of this at quality 90
+    assert len(data) / (640 * 480) > 0.15
+
+
+def test_a_worker_gets_exactly_the_settings_made_here(tmp_path) -> None:
+    settings = Settings(sam2_dir=tmp_path, providers=["CPUExecutionProvider"],
+                        intra_op_threads=3, concurrency=2, allowed_inputs=["s3://a/", "s3://b/"])
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SEGQ_")}
+    code = "from config import Settings; print(Settings().model_dump_json())"
+    out = subprocess.run([sys.executable, "-c", code], env={**env, **_settings_env(settings)},
+                         capture_output=True, text=True, check=True).stdout
+    assert Settings.model_validate_json(out) == settings
+
+
+def test_no_models_is_a_clear_exit(tmp_path, capsys) -> None:
+    assert main(["--models", str(tmp_path), "--quick"]) == 2
+    assert "bench.export_models" in capsys.readouterr().err
+
+
+def test_a_gpu_run_where_there_is_none_says_so() -> None:
+    status = gpu_status(["CUDAExecutionProvider", "CPUExecutionProvider"])
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        assert status["available"] is True
+    else:
+        assert status["available"] is False and status["note"].startswith("no GPU here")
