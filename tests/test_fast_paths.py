@@ -104,3 +104,21 @@ def test_nested_stages_count_once() -> None:
     # each sleep counts for its own stage, and nothing twice
     assert timings["decode"] >= 0.02 and timings["encode_image"] >= 0.01
     assert timings["decode"] + timings["encode_image"] <= total
+
+
+@pytest.mark.parametrize("height,width", [(150, 97), (64, 300), (1, 5), (200, 130)])
+def test_panoptic_pixels_block_by_block_equal_whole_planes(height: int, width: int) -> None:
+    """The blocked pixel assignment against the plain statement of transformers' order of
+    operations: sigmoid, resize every query to full size, times its score, argmax."""
+    from worker.inference.detr import _assign_pixels, _sigmoid
+    from worker.inference.transforms import resize_bilinear
+
+    rng = np.random.default_rng(height * width)
+    logits = rng.normal(0, 3, (6, 23, 31)).astype(np.float32)
+    logits[:, :4] = -200.0  # every probability underflows to 0 there: ties go to query 0
+    scores = rng.uniform(0.5, 1.0, 6).astype(np.float32)
+    weighted = np.stack([resize_bilinear(_sigmoid(m), height, width) * s
+                         for m, s in zip(logits, scores)])
+    owner, confident = _assign_pixels(logits, scores, height, width, 0.3)
+    np.testing.assert_array_equal(owner, weighted.argmax(0))
+    assert confident == [int(n) for n in (weighted >= 0.3).sum((1, 2))]

@@ -29,7 +29,7 @@ from PIL import Image
 
 from worker.inference.labels import label_name
 from worker.inference.sessions import input_shape, provider, require_io
-from worker.inference.transforms import resize_bilinear, to_model_input
+from worker.inference.transforms import ROWS_PER_BLOCK, BilinearRows, to_model_input
 
 SHORTEST_EDGE = 800
 LONGEST_EDGE = 1333
@@ -196,20 +196,27 @@ def _assign_pixels(
 ) -> tuple[np.ndarray, list[int]]:
     """For each pixel, the index of the query whose score-weighted mask probability is
     highest there (the first on ties, like argmax); and for each query, how many pixels
-    reach ``mask_threshold``. One query's full-size plane at a time."""
+    reach ``mask_threshold``. A block of rows at a time, every query's values for the block
+    while it is in cache: the same arithmetic as whole planes (12 MP, 15 queries: 345 ->
+    191 ms), and memory stays a few blocks."""
+    planes = [BilinearRows(_sigmoid(logits), height, width) for logits in mask_logits]
     owner = np.zeros((height, width), np.min_scalar_type(len(scores)))
-    best: Optional[np.ndarray] = None
-    confident = []
-    for k, (logits, score) in enumerate(zip(mask_logits, scores)):
-        weighted = resize_bilinear(_sigmoid(logits), height, width)
-        weighted *= score
-        confident.append(int(np.count_nonzero(weighted >= mask_threshold)))
-        if best is None:
-            best = weighted
-        else:
-            owner[weighted > best] = k
-            np.maximum(best, weighted, out=best)
-    return owner, confident
+    confident = np.zeros(len(scores), np.int64)
+    best, value, scratch = (np.empty((ROWS_PER_BLOCK, width), np.float32) for _ in range(3))
+    ahead = np.empty((ROWS_PER_BLOCK, width), np.bool_)
+    for start in range(0, height, ROWS_PER_BLOCK):
+        stop = min(start + ROWS_PER_BLOCK, height)
+        n = stop - start
+        for k, (plane, score) in enumerate(zip(planes, scores)):
+            weighted = plane.block(start, stop, out=(best if k == 0 else value)[:n],
+                                   scratch=scratch[:n])
+            weighted *= score
+            confident[k] += np.count_nonzero(weighted >= mask_threshold)
+            if k:
+                np.greater(weighted, best[:n], out=ahead[:n])
+                owner[start:stop][ahead[:n]] = k
+                np.maximum(best[:n], weighted, out=best[:n])
+    return owner, confident.tolist()
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:

@@ -24,7 +24,7 @@ from config.errors import InvalidImage
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-_ROWS_PER_BLOCK = 64  # one block of temporaries stays in cache at 4000 px wide
+ROWS_PER_BLOCK = 64  # one block of temporaries stays in cache at 4000 px wide
 
 
 def to_model_input(image: Image.Image, width: int, height: int) -> np.ndarray:
@@ -81,25 +81,41 @@ def upsample_mask(
     return _resize(np.asarray(logits, np.float32), height, width, threshold=threshold)
 
 
+class BilinearRows:
+    """``resize_bilinear(x, height, width)`` a block of output rows at a time, so a caller
+    can finish with a block while it is still in cache. The columns are blended once
+    (``x``'s rows at the output width), each block of rows from them."""
+
+    def __init__(self, x: np.ndarray, height: int, width: int) -> None:
+        x = np.asarray(x, np.float32)
+        if x.ndim != 2:
+            raise ValueError(f"expected a 2-D array, got shape {x.shape}")
+        c0, c1, cw0, cw1 = axis_weights(x.shape[1], width)
+        self.rows = axis_weights(x.shape[0], height)
+        # C order matters: the row gathers below are ~30x slower on the F-ordered fancy-index result
+        self.cols = np.ascontiguousarray(x[:, c0] * cw0 + x[:, c1] * cw1)  # (in_h, width)
+
+    def block(self, start: int, stop: int, out: np.ndarray, scratch: np.ndarray) -> np.ndarray:
+        """Output rows ``start:stop`` into ``out`` ((stop - start, width) float32), with
+        ``scratch`` of the same shape for the second source row."""
+        r0, r1, rw0, rw1 = self.rows
+        np.take(self.cols, r0[start:stop], axis=0, out=out, mode="clip")
+        out *= rw0[start:stop, None]
+        np.take(self.cols, r1[start:stop], axis=0, out=scratch, mode="clip")
+        scratch *= rw1[start:stop, None]
+        out += scratch
+        return out
+
+
 def _resize(x: np.ndarray, height: int, width: int, threshold: float | None) -> np.ndarray:
-    if x.ndim != 2:
-        raise ValueError(f"expected a 2-D array, got shape {x.shape}")
-    c0, c1, cw0, cw1 = axis_weights(x.shape[1], width)
-    r0, r1, rw0, rw1 = axis_weights(x.shape[0], height)
-    # C order matters: the row gathers below are ~30x slower on the F-ordered fancy-index result
-    cols = np.ascontiguousarray(x[:, c0] * cw0 + x[:, c1] * cw1)  # (in_h, width)
+    rows = BilinearRows(x, height, width)
     out = np.empty((height, width), np.float32 if threshold is None else np.bool_)
-    top = np.empty((_ROWS_PER_BLOCK, width), np.float32)
+    top = np.empty((ROWS_PER_BLOCK, width), np.float32)
     bottom = np.empty_like(top)
-    for start in range(0, height, _ROWS_PER_BLOCK):
-        stop = min(start + _ROWS_PER_BLOCK, height)
+    for start in range(0, height, ROWS_PER_BLOCK):
+        stop = min(start + ROWS_PER_BLOCK, height)
         n = stop - start
-        blend = out[start:stop] if threshold is None else top[:n]
-        np.take(cols, r0[start:stop], axis=0, out=blend, mode="clip")
-        blend *= rw0[start:stop, None]
-        np.take(cols, r1[start:stop], axis=0, out=bottom[:n], mode="clip")
-        bottom[:n] *= rw1[start:stop, None]
-        blend += bottom[:n]
+        blend = rows.block(start, stop, out[start:stop] if threshold is None else top[:n], bottom[:n])
         if threshold is not None:
             np.greater(blend, threshold, out=out[start:stop])
     return out
