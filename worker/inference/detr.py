@@ -13,8 +13,8 @@ Where transformers is surprising we differ on purpose, and only there:
   one (its id counter restarts from the stuff id); ids here are always distinct;
 - with no query kept it returns a map of -1; here it is 0 (unassigned) like any other gap;
 - it lists a fused segment once per query; here once, with the best of their scores.
-The queries' masks are resized one at a time, so memory stays a few image-sized planes
-however many queries are kept.
+Pixels are assigned a block of rows at a time, so memory stays a few blocks however many
+queries are kept.
 """
 
 from __future__ import annotations
