@@ -42,7 +42,9 @@ def photo_jpeg(width: int, height: int, *, seed: int = 0) -> bytes:
     """A camera-like JPEG of ``width`` x ``height``: the sample photo cropped to the aspect
     ratio, resized, with Gaussian grain, quality 90 (4:2:0). A smooth or flat synthetic
     image would make decoding and PNG encoding unrealistically cheap."""
-    src = Image.open(io.BytesIO(resources.files("api_client").joinpath("assets/sample.jpg").read_bytes()))
+    src = Image.open(
+        io.BytesIO(resources.files("api_client").joinpath("assets/sample.jpg").read_bytes())
+    )
     src = src.convert("RGB")
     scale = min(src.width / width, src.height / height)
     crop_w, crop_h = round(width * scale), round(height * scale)
@@ -65,14 +67,18 @@ class RawCalls:
         self._rng = np.random.default_rng(seed)
         self.sam2 = pipes.sam2()
         self._image = self._rng.standard_normal(
-            (1, 3, self.sam2.input_height, self.sam2.input_width), dtype=np.float32)
+            (1, 3, self.sam2.input_height, self.sam2.input_width), dtype=np.float32
+        )
         self._features = self.encode()
         decoder = self.sam2.decoder
         self._prompt = {
-            "point_coords": np.array([[[self.sam2.input_width / 2, self.sam2.input_height / 2]]],
-                                     np.float32),
+            "point_coords": np.array(
+                [[[self.sam2.input_width / 2, self.sam2.input_height / 2]]], np.float32
+            ),
             "point_labels": np.ones((1, 1), np.float32),
-            "mask_input": np.zeros(input_shape(decoder, "mask_input", (1, 1, 256, 256)), np.float32),
+            "mask_input": np.zeros(
+                input_shape(decoder, "mask_input", (1, 1, 256, 256)), np.float32
+            ),
             "has_mask_input": np.zeros(input_shape(decoder, "has_mask_input", (1,)), np.float32),
         }
         self.detr_session = pipes.detr().session
@@ -161,16 +167,28 @@ def bench_pipelines(
             record(label, "raw:detr", detr_raw)
             record(label, "reprompt:cold", seg_s)
             record(label, "reprompt:cached", hit_s)
-            for job, seconds, out in (("segment", seg_s, seg), ("cutout", cut_s, cut),
-                                      ("panoptic", pan_s, pan), ("overlay", ovl_s, ovl)):
-                record(label, job, (seconds, out, enc + dec if RAW_OF_JOB[job] == "sam2" else detr_raw))
-            log(f"  round {r}/{rounds} {label}: segment {seg_s * 1000:.0f} ms (raw {(enc + dec) * 1000:.0f}), "
+            for job, seconds, out in (
+                ("segment", seg_s, seg),
+                ("cutout", cut_s, cut),
+                ("panoptic", pan_s, pan),
+                ("overlay", ovl_s, ovl),
+            ):
+                record(
+                    label, job, (seconds, out, enc + dec if RAW_OF_JOB[job] == "sam2" else detr_raw)
+                )
+            log(
+                f"  round {r}/{rounds} {label}: segment {seg_s * 1000:.0f} ms "
+                f"(raw {(enc + dec) * 1000:.0f}), "
                 f"panoptic {pan_s * 1000:.0f} ms (raw {detr_raw * 1000:.0f}), cached re-prompt "
-                f"{hit_s * 1000:.0f} ms")
+                f"{hit_s * 1000:.0f} ms"
+            )
 
-    return {"rounds": rounds, "sizes": {
-        label: _summarise(samples[label], photos[label], sizes[label]) for label in sizes
-    }}
+    return {
+        "rounds": rounds,
+        "sizes": {
+            label: _summarise(samples[label], photos[label], sizes[label]) for label in sizes
+        },
+    }
 
 
 def _summarise(s: dict[str, list], photo: bytes, size: tuple[int, int]) -> dict[str, Any]:
@@ -192,8 +210,12 @@ def _summarise(s: dict[str, list], photo: bytes, size: tuple[int, int]) -> dict[
     cold, cached = s["reprompt:cold"], s["reprompt:cached"]
     width, height = size
     return {
-        "image": {"width": width, "height": height, "jpeg_bytes": len(photo),
-                  "detr_input": list(model_input_size(width, height))},
+        "image": {
+            "width": width,
+            "height": height,
+            "jpeg_bytes": len(photo),
+            "detr_input": list(model_input_size(width, height)),
+        },
         "raw_ms": {name.split(":")[1]: ms(v) for name, v in s.items() if name.startswith("raw:")},
         "jobs": jobs,
         "reprompt": {

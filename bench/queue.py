@@ -54,7 +54,9 @@ class Worker:
         self.settings = settings
         self.hostname = f"bench-{uuid.uuid4().hex[:6]}@{pool}{concurrency}"
         env = {**os.environ, **s3.env(), **_settings_env(settings), "PYTHONUNBUFFERED": "1"}
-        self.log = tempfile.NamedTemporaryFile(prefix="segq-bench-worker-", suffix=".log", delete=False)
+        self.log = tempfile.NamedTemporaryFile(
+            prefix="segq-bench-worker-", suffix=".log", delete=False
+        )
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "api_client.cli", "worker", "--pool", pool,
              "--concurrency", str(concurrency), "--hostname", self.hostname, "--loglevel", "INFO"],
@@ -68,7 +70,9 @@ class Worker:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"worker exited with {self.proc.returncode}: {self.log_tail()}")
-            report = ask_workers(self.settings, hostname=self.hostname, timeout=1.0).get(self.hostname)
+            report = ask_workers(self.settings, hostname=self.hostname, timeout=1.0).get(
+                self.hostname
+            )
             if report and (report.get("ready") or self._children_loaded()):
                 return
             time.sleep(0.5)
@@ -77,7 +81,9 @@ class Worker:
     def _children_loaded(self) -> bool:
         """A prefork worker's main process holds no models (its children do, loaded after
         the fork), so it never answers ready; each child logs when its models are."""
-        return self.pool == "prefork" and self.log_tail(None).count("models ready") >= self.concurrency
+        return (
+            self.pool == "prefork" and self.log_tail(None).count("models ready") >= self.concurrency
+        )
 
     def rss_bytes(self) -> int:
         """Resident memory of the worker and its pool children, together."""
@@ -135,7 +141,10 @@ def bench_queue(
     try:
         worker.wait_ready()
         ready_s = time.perf_counter() - started
-        uris = [client.upload(photo, f"bench/{uuid.uuid4().hex}.jpg") for _ in range(sequential + burst + 1)]
+        uris = [
+            client.upload(photo, f"bench/{uuid.uuid4().hex}.jpg")
+            for _ in range(sequential + burst + 1)
+        ]
         width_height = _size(photo)
         prompt = {"point": [width_height[0] * 0.4, width_height[1] * 0.45]}
         client.segment(uris.pop(), prompt).wait(timeout=300)  # first job: lazy imports, arenas
@@ -143,8 +152,10 @@ def bench_queue(
         singles = []
         for uri in uris[:sequential]:
             singles.append(client.segment(uri, prompt).wait(timeout=300))
-            log(f"    {pool} x{concurrency} threads={intra_op_threads or 'default'}: "
-                f"job {len(singles)}/{sequential} {_job_ms(singles[-1]):.0f} ms")
+            log(
+                f"    {pool} x{concurrency} threads={intra_op_threads or 'default'}: "
+                f"job {len(singles)}/{sequential} {_job_ms(singles[-1]):.0f} ms"
+            )
         jobs = [client.segment(uri, prompt) for uri in uris[sequential:]]
         batch = [job.wait(timeout=600) for job in jobs]
         rss = worker.rss_bytes()
@@ -164,7 +175,10 @@ def bench_queue(
         "intra_op_threads": intra_op_threads,
         "job": "segment, default options, a fresh S3 object each",
         "ready_s": ready_s,
-        "latency_ms": {"p50": float(np.percentile(job_ms, 50)), "p95": float(np.percentile(job_ms, 95))},
+        "latency_ms": {
+            "p50": float(np.percentile(job_ms, 50)),
+            "p95": float(np.percentile(job_ms, 95)),
+        },
         "pipeline_ms": statistics.median(pipeline_ms),
         "overhead_ms": statistics.median([j - p for j, p in zip(job_ms, pipeline_ms)]),
         "ratio_to_pipeline": statistics.median([j / p for j, p in zip(job_ms, pipeline_ms)]),
@@ -175,8 +189,10 @@ def bench_queue(
         "burst": {
             "jobs": burst,
             "jobs_per_s": burst / span,
-            "latency_ms": {"p50": float(np.percentile(burst_ms, 50)),
-                           "p95": float(np.percentile(burst_ms, 95))},
+            "latency_ms": {
+                "p50": float(np.percentile(burst_ms, 50)),
+                "p95": float(np.percentile(burst_ms, 95)),
+            },
         },
         "rss_mb": rss / 2**20,
     }
@@ -197,8 +213,10 @@ def _size(photo: bytes) -> tuple[int, int]:
 def _settings_env(settings: Settings) -> dict[str, str]:
     """The SEGQ_* variables that give another process the settings made here."""
     values = settings.model_dump(mode="json", exclude_unset=True, exclude_none=True)
-    return {f"SEGQ_{name.upper()}": v if isinstance(v, str) else json.dumps(v)
-            for name, v in values.items()}
+    return {
+        f"SEGQ_{name.upper()}": v if isinstance(v, str) else json.dumps(v)
+        for name, v in values.items()
+    }
 
 
 def _rss(pid: int) -> int:

@@ -40,8 +40,13 @@ from config.settings import Settings
 RESULTS = Path(__file__).resolve().parent / "results"
 QUEUE_PHOTO = PHOTO_SIZES["3 MP"]
 # (pool, concurrency, onnxruntime intra-op threads; 0 = the default) compared without --quick
-POOL_MATRIX = [("threads", 2, 1), ("threads", 1, 0), ("threads", 2, 0), ("threads", 1, 1),
-               ("prefork", 2, 1)]
+POOL_MATRIX = [
+    ("threads", 2, 1),
+    ("threads", 1, 0),
+    ("threads", 2, 0),
+    ("threads", 1, 1),
+    ("prefork", 2, 1),
+]
 CUDA = "CUDAExecutionProvider"
 
 
@@ -56,8 +61,11 @@ def gpu_status(providers: list[str]) -> dict[str, Any]:
     if CUDA not in providers:
         return {"requested": False}
     if CUDA not in available:
-        return {"requested": True, "available": False,
-                "note": f"no GPU here: onnxruntime {ort.__version__} offers {', '.join(available)}"}
+        return {
+            "requested": True,
+            "available": False,
+            "note": f"no GPU here: onnxruntime {ort.__version__} offers {', '.join(available)}",
+        }
     return {"requested": True, "available": True, "device": ort.get_device()}
 
 
@@ -68,8 +76,12 @@ def run(args: argparse.Namespace, say=print) -> dict[str, Any]:
     providers = args.providers if gpu.get("available") else ["CPUExecutionProvider"]
     base = Settings()  # the worker's defaults, for the end-to-end runs
     # In-process, one job at a time: onnxruntime on every core unless --threads says otherwise.
-    settings = Settings(sam2_dir=args.models / "sam2", detr_dir=args.models / "detr",
-                        providers=providers, intra_op_threads=args.threads)
+    settings = Settings(
+        sam2_dir=args.models / "sam2",
+        detr_dir=args.models / "detr",
+        providers=providers,
+        intra_op_threads=args.threads,
+    )
     rounds = args.rounds or (2 if args.quick else 5)
     report: dict[str, Any] = {
         "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "onnxruntime": ort.__version__},
@@ -77,15 +89,24 @@ def run(args: argparse.Namespace, say=print) -> dict[str, Any]:
         "command": " ".join(sys.argv),
         "providers": providers,
         "gpu": gpu,
-        "in_process": {"intra_op_threads": settings.intra_op_threads or "onnxruntime's choice",
-                       "fast_jpeg_decode": settings.fast_jpeg_decode},
-        "worker_defaults": {"pool": base.pool, "concurrency": base.concurrency,
-                            "intra_op_threads": base.intra_op_threads},
+        "in_process": {
+            "intra_op_threads": settings.intra_op_threads or "onnxruntime's choice",
+            "fast_jpeg_decode": settings.fast_jpeg_decode,
+        },
+        "worker_defaults": {
+            "pool": base.pool,
+            "concurrency": base.concurrency,
+            "intra_op_threads": base.intra_op_threads,
+        },
     }
 
     say("\n1. raw onnxruntime calls")
-    report["raw"] = bench_raw(args.models, threads=settings.intra_op_threads,
-                              repeats=3 if args.quick else 8, providers=providers)
+    report["raw"] = bench_raw(
+        args.models,
+        threads=settings.intra_op_threads,
+        repeats=3 if args.quick else 8,
+        providers=providers,
+    )
     say(format_table(report["raw"]))
 
     say(f"\n2-3. in-process pipelines, {rounds} rounds alternating with the raw calls")
@@ -93,27 +114,47 @@ def run(args: argparse.Namespace, say=print) -> dict[str, Any]:
     say(format_pipelines(report["pipelines"]))
 
     if not args.no_queue:
-        say(f"\n4. end to end: Celery + Redis + S3 on loopback, one worker, "
-            f"{QUEUE_PHOTO[0]}x{QUEUE_PHOTO[1]} segment jobs")
+        say(
+            f"\n4. end to end: Celery + Redis + S3 on loopback, one worker, "
+            f"{QUEUE_PHOTO[0]}x{QUEUE_PHOTO[1]} segment jobs"
+        )
         photo = photo_jpeg(*QUEUE_PHOTO)
         configs = [(base.pool, base.concurrency, base.intra_op_threads)]
         if not args.quick:
             configs += [c for c in POOL_MATRIX if c != configs[0]]
         with local_services() as (redis, s3):
-            runs = [bench_queue(args.models, redis, s3, photo, pool=pool, concurrency=concurrency,
-                                intra_op_threads=threads, providers=providers,
-                                sequential=4 if args.quick else 6, burst=6 if args.quick else 12,
-                                log=say)
-                    for pool, concurrency, threads in configs]
+            runs = [
+                bench_queue(
+                    args.models,
+                    redis,
+                    s3,
+                    photo,
+                    pool=pool,
+                    concurrency=concurrency,
+                    intra_op_threads=threads,
+                    providers=providers,
+                    sequential=4 if args.quick else 6,
+                    burst=6 if args.quick else 12,
+                    log=say,
+                )
+                for pool, concurrency, threads in configs
+            ]
         report["queue"], report["pool_matrix"] = runs[0], runs
         say(format_queue(runs))
 
     if not args.no_torch:
-        say("\n5. against transformers' PyTorch pipelines, same weights, "
-            f"{QUEUE_PHOTO[0]}x{QUEUE_PHOTO[1]} photo")
+        say(
+            "\n5. against transformers' PyTorch pipelines, same weights, "
+            f"{QUEUE_PHOTO[0]}x{QUEUE_PHOTO[1]} photo"
+        )
         report["vs_transformers"] = bench_vs_transformers(
-            settings, photo_jpeg(*QUEUE_PHOTO), rounds=2 if args.quick else 3,
-            detr=not args.quick, python=args.torch_python, log=say)
+            settings,
+            photo_jpeg(*QUEUE_PHOTO),
+            rounds=2 if args.quick else 3,
+            detr=not args.quick,
+            python=args.torch_python,
+            log=say,
+        )
         say(format_vs(report["vs_transformers"]))
     return report
 
@@ -123,22 +164,30 @@ def format_pipelines(result: dict[str, Any]) -> str:
     for label, size in result["sizes"].items():
         for job, j in size["jobs"].items():
             stages = " ".join(f"{k} {v:.0f}" for k, v in j["stages_ms"].items())
-            lines.append(f"{label:<8}{job:<10}{j['total_ms']:>9.0f}{size['raw_ms'][j['raw']]:>8.0f}"
-                         f"{j['ratio_to_raw']:>7.2f}  {stages}")
+            lines.append(
+                f"{label:<8}{job:<10}{j['total_ms']:>9.0f}{size['raw_ms'][j['raw']]:>8.0f}"
+                f"{j['ratio_to_raw']:>7.2f}  {stages}"
+            )
         r = size["reprompt"]
-        lines.append(f"{label:<8}{'re-prompt':<10}{r['cached_ms']:>9.0f}{'':>8}{'':>7}  cold "
-                     f"{r['cold_ms']:.0f} ms, cached {r['speedup']:.1f}x faster")
+        lines.append(
+            f"{label:<8}{'re-prompt':<10}{r['cached_ms']:>9.0f}{'':>8}{'':>7}  cold "
+            f"{r['cold_ms']:.0f} ms, cached {r['speedup']:.1f}x faster"
+        )
     return "\n".join(lines)
 
 
 def format_queue(runs: list[dict[str, Any]]) -> str:
-    lines = [f"{'pool':<9}{'conc':>5}{'ort thr':>8}{'p50 ms':>8}{'p95 ms':>8}{'e2e/pipe':>9}"
-             f"{'jobs/s':>8}{'burst p50':>10}{'RSS MB':>8}"]
+    lines = [
+        f"{'pool':<9}{'conc':>5}{'ort thr':>8}{'p50 ms':>8}{'p95 ms':>8}{'e2e/pipe':>9}"
+        f"{'jobs/s':>8}{'burst p50':>10}{'RSS MB':>8}"
+    ]
     for r in runs:
-        lines.append(f"{r['pool']:<9}{r['concurrency']:>5}{r['intra_op_threads'] or 'dflt':>8}"
-                     f"{r['latency_ms']['p50']:>8.0f}{r['latency_ms']['p95']:>8.0f}"
-                     f"{r['ratio_to_pipeline']:>9.3f}{r['burst']['jobs_per_s']:>8.2f}"
-                     f"{r['burst']['latency_ms']['p50']:>10.0f}{r['rss_mb']:>8.0f}")
+        lines.append(
+            f"{r['pool']:<9}{r['concurrency']:>5}{r['intra_op_threads'] or 'dflt':>8}"
+            f"{r['latency_ms']['p50']:>8.0f}{r['latency_ms']['p95']:>8.0f}"
+            f"{r['ratio_to_pipeline']:>9.3f}{r['burst']['jobs_per_s']:>8.2f}"
+            f"{r['burst']['latency_ms']['p50']:>10.0f}{r['rss_mb']:>8.0f}"
+        )
     return "\n".join(lines)
 
 
@@ -149,36 +198,63 @@ def format_vs(result: dict[str, Any]) -> str:
     for model in ("sam2", "detr"):
         if model in result:
             r = result[model]
-            lines.append(f"{model}: segq {r['segq_ms']:.0f} ms, transformers {r['transformers_ms']:.0f} ms"
-                         f" ({r['speedup']:.1f}x), {r['pixels_differing']} of {r['pixels']} pixels differ")
+            lines.append(
+                f"{model}: segq {r['segq_ms']:.0f} ms, transformers {r['transformers_ms']:.0f} ms"
+                f" ({r['speedup']:.1f}x), {r['pixels_differing']} of {r['pixels']} pixels differ"
+            )
     return "\n".join(lines)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", type=Path, required=True,
-                        help="sam2/ and detr/ as `python -m bench.export_models` writes them")
-    parser.add_argument("--quick", action="store_true",
-                        help="fewer rounds, no pool comparison, no DETR under PyTorch (~3 min)")
+    parser.add_argument(
+        "--models",
+        type=Path,
+        required=True,
+        help="sam2/ and detr/ as `python -m bench.export_models` writes them",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="fewer rounds, no pool comparison, no DETR under PyTorch (~3 min)",
+    )
     parser.add_argument("--rounds", type=int, help="pipeline rounds (default 5, quick 2)")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="onnxruntime intra-op threads in-process (default: onnxruntime's "
-                             "choice, all cores); the end-to-end runs use the worker's settings")
-    parser.add_argument("--providers", type=lambda s: s.split(","), default=["CPUExecutionProvider"],
-                        help="e.g. CUDAExecutionProvider,CPUExecutionProvider")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="onnxruntime intra-op threads in-process (default: onnxruntime's "
+        "choice, all cores); the end-to-end runs use the worker's settings",
+    )
+    parser.add_argument(
+        "--providers",
+        type=lambda s: s.split(","),
+        default=["CPUExecutionProvider"],
+        help="e.g. CUDAExecutionProvider,CPUExecutionProvider",
+    )
     parser.add_argument("--no-queue", action="store_true", help="skip the Celery/Redis/S3 runs")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
-    parser.add_argument("--torch-python", type=Path, default=TORCH_PYTHON,
-                        help="interpreter with torch and transformers for the comparison")
+    parser.add_argument(
+        "--torch-python",
+        type=Path,
+        default=TORCH_PYTHON,
+        help="interpreter with torch and transformers for the comparison",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS, help="where the JSON goes")
     args = parser.parse_args(argv)
     if not (args.models / "sam2" / "encoder.onnx").exists():
-        print(f"no models under {args.models}; make them with `python -m bench.export_models "
-              f"--out {args.models}` (bench/README.md)", file=sys.stderr)
+        print(
+            f"no models under {args.models}; make them with `python -m bench.export_models "
+            f"--out {args.models}` (bench/README.md)",
+            file=sys.stderr,
+        )
         return 2
     report = run(args)
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"{machine_slug()}-{dt.date.today().isoformat()}{'-quick' if args.quick else ''}.json"
+    path = (
+        args.out
+        / f"{machine_slug()}-{dt.date.today().isoformat()}{'-quick' if args.quick else ''}.json"
+    )
     path.write_text(json.dumps(report, indent=1) + "\n")
     print(f"\nwritten {path}")
     return 0

@@ -41,10 +41,16 @@ TVSHIM_DIR = Path("/work/shared/tools/refmodels")
 class TransformersSide:
     """The child process holding transformers' models; ``call`` runs one request."""
 
-    def __init__(self, models: Path, *, python: Path = TORCH_PYTHON, threads: int,
-                 detr: bool) -> None:
-        env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(threads),
-               "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    def __init__(
+        self, models: Path, *, python: Path = TORCH_PYTHON, threads: int, detr: bool
+    ) -> None:
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(REPO),
+            "OMP_NUM_THREADS": str(threads),
+            "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+            "TRANSFORMERS_VERBOSITY": "error",
+        }
         self.proc = subprocess.Popen(
             [str(python), "-m", "bench.vs_transformers", "--serve", "--models", str(models),
              "--threads", str(threads), *(["--with-detr"] if detr else [])],
@@ -110,19 +116,35 @@ def bench_vs_transformers(
                 start = time.perf_counter()
                 out = pipes.segment(photo, {"point": point}, mask_formats=["png"])
                 segq_s = time.perf_counter() - start
-                reply = side.call({"model": "sam2", "image": str(image_path), "point": point,
-                                   "out": f"{tmp}/sam2.npy"})
+                reply = side.call(
+                    {
+                        "model": "sam2",
+                        "image": str(image_path),
+                        "point": point,
+                        "out": f"{tmp}/sam2.npy",
+                    }
+                )
                 if r:
                     ours.append(segq_s)
                     theirs.append(reply["seconds"])
-                    log(f"  SAM 2 round {r}/{rounds}: segq {segq_s * 1000:.0f} ms, "
-                        f"transformers {reply['seconds'] * 1000:.0f} ms")
+                    log(
+                        f"  SAM 2 round {r}/{rounds}: segq {segq_s * 1000:.0f} ms, "
+                        f"transformers {reply['seconds'] * 1000:.0f} ms"
+                    )
             mask = maskio.mask_from_png(out.files["mask_0.png"][0])
-            report["sam2"] = _compare(ours, theirs, differing=int((mask != np.load(f"{tmp}/sam2.npy")).sum()),
-                                      pixels=mask.size)
+            report["sam2"] = _compare(
+                ours,
+                theirs,
+                differing=int((mask != np.load(f"{tmp}/sam2.npy")).sum()),
+                pixels=mask.size,
+            )
             if detr:
-                request = {"model": "detr", "image": str(image_path), "fuse": sorted(COCO_STUFF),
-                           "out": f"{tmp}/detr.npy"}
+                request = {
+                    "model": "detr",
+                    "image": str(image_path),
+                    "fuse": sorted(COCO_STUFF),
+                    "out": f"{tmp}/detr.npy",
+                }
                 side.call(request)  # warm-up, as segq's models were warmed up
                 start = time.perf_counter()
                 out = pipes.panoptic(photo, mask_formats=["png"])
@@ -132,19 +154,24 @@ def bench_vs_transformers(
                 ours_map = maskio.label_map_from_png(out.files["segments.png"][0])
                 theirs_map = np.load(f"{tmp}/detr.npy")
                 report["detr"] = {
-                    **_compare([segq_s], [reply["seconds"]], differing=_label_map_difference(
-                        ours_map, theirs_map), pixels=ours_map.size),
+                    **_compare(
+                        [segq_s],
+                        [reply["seconds"]],
+                        differing=_label_map_difference(ours_map, theirs_map),
+                        pixels=ours_map.size,
+                    ),
                     "segments": [len(out.result["segments"]), reply["segments"]],
                     "note": "one timed call per side, after one warm-up: transformers 5 runs the "
-                            "mask head's FPN adapters once per query (100x their cost)",
+                    "mask head's FPN adapters once per query (100x their cost)",
                 }
         finally:
             side.close()
     return report
 
 
-def _compare(ours: Sequence[float], theirs: Sequence[float], *, differing: int,
-             pixels: int) -> dict[str, Any]:
+def _compare(
+    ours: Sequence[float], theirs: Sequence[float], *, differing: int, pixels: int
+) -> dict[str, Any]:
     return {
         "segq_ms": 1000 * statistics.median(ours),
         "transformers_ms": 1000 * statistics.median(theirs),
@@ -180,8 +207,13 @@ def serve(models: Path, threads: int, with_detr: bool) -> None:
     import torch
     import transformers
     from PIL import Image
-    from transformers import (DetrForSegmentation, DetrImageProcessorPil, Sam2ImageProcessor,
-                              Sam2Model, Sam2Processor)
+    from transformers import (
+        DetrForSegmentation,
+        DetrImageProcessorPil,
+        Sam2ImageProcessor,
+        Sam2Model,
+        Sam2Processor,
+    )
 
     torch.set_num_threads(threads)
     sam2_processor = Sam2Processor(image_processor=Sam2ImageProcessor())
@@ -189,14 +221,20 @@ def serve(models: Path, threads: int, with_detr: bool) -> None:
     if with_detr:
         detr_processor = DetrImageProcessorPil(format="coco_panoptic")
         detr = DetrForSegmentation.from_pretrained(models / "detr" / "hf").eval()
-    print(json.dumps({"torch": torch.__version__, "transformers": transformers.__version__}),
-          flush=True)
+    print(
+        json.dumps({"torch": torch.__version__, "transformers": transformers.__version__}),
+        flush=True,
+    )
 
     @torch.inference_mode()
     def run_sam2(request: dict[str, Any]) -> dict[str, Any]:
         image = Image.open(request["image"]).convert("RGB")
-        inputs = sam2_processor(images=image, input_points=[[[request["point"]]]],
-                                input_labels=[[[1]]], return_tensors="pt")
+        inputs = sam2_processor(
+            images=image,
+            input_points=[[[request["point"]]]],
+            input_labels=[[[1]]],
+            return_tensors="pt",
+        )
         out = sam2(**inputs, multimask_output=True)
         masks = sam2_processor.post_process_masks(out.pred_masks, inputs["original_sizes"])[0]
         best = masks[0, int(out.iou_scores[0, 0].argmax())]
@@ -209,7 +247,8 @@ def serve(models: Path, threads: int, with_detr: bool) -> None:
         inputs = detr_processor(images=image, return_tensors="pt")
         out = detr(**inputs)
         result = detr_processor.post_process_panoptic_segmentation(
-            out, target_sizes=[image.size[::-1]], label_ids_to_fuse=set(request["fuse"]))[0]
+            out, target_sizes=[image.size[::-1]], label_ids_to_fuse=set(request["fuse"])
+        )[0]
         np.save(request["out"], result["segmentation"].numpy().astype(np.int32))
         return {"segments": len(result["segments_info"])}
 
@@ -224,8 +263,12 @@ def serve(models: Path, threads: int, with_detr: bool) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", type=Path, required=True)
-    parser.add_argument("--python", type=Path, default=TORCH_PYTHON,
-                        help="an interpreter with torch and transformers")
+    parser.add_argument(
+        "--python",
+        type=Path,
+        default=TORCH_PYTHON,
+        help="an interpreter with torch and transformers",
+    )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--no-detr", action="store_true", help="SAM 2 only (DETR takes minutes)")
     parser.add_argument("--threads", type=int, default=0)
@@ -238,10 +281,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from bench.pipeline import photo_jpeg
     from config.settings import Settings
 
-    settings = Settings(sam2_dir=args.models / "sam2", detr_dir=args.models / "detr",
-                        providers=["CPUExecutionProvider"], intra_op_threads=args.threads)
-    report = bench_vs_transformers(settings, photo_jpeg(640, 480), rounds=args.rounds,
-                                   detr=not args.no_detr, python=args.python, log=print)
+    settings = Settings(
+        sam2_dir=args.models / "sam2",
+        detr_dir=args.models / "detr",
+        providers=["CPUExecutionProvider"],
+        intra_op_threads=args.threads,
+    )
+    report = bench_vs_transformers(
+        settings,
+        photo_jpeg(640, 480),
+        rounds=args.rounds,
+        detr=not args.no_detr,
+        python=args.python,
+        log=print,
+    )
     print(json.dumps(report, indent=2))
     return 0
 

@@ -41,12 +41,22 @@ def test_photos_are_camera_like() -> None:
 
 
 def test_a_worker_gets_exactly_the_settings_made_here(tmp_path) -> None:
-    settings = Settings(sam2_dir=tmp_path, providers=["CPUExecutionProvider"],
-                        intra_op_threads=3, concurrency=2, allowed_inputs=["s3://a/", "s3://b/"])
+    settings = Settings(
+        sam2_dir=tmp_path,
+        providers=["CPUExecutionProvider"],
+        intra_op_threads=3,
+        concurrency=2,
+        allowed_inputs=["s3://a/", "s3://b/"],
+    )
     env = {k: v for k, v in os.environ.items() if not k.startswith("SEGQ_")}
     code = "from config import Settings; print(Settings().model_dump_json())"
-    out = subprocess.run([sys.executable, "-c", code], env={**env, **_settings_env(settings)},
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**env, **_settings_env(settings)},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert Settings.model_validate_json(out) == settings
 
 

@@ -30,8 +30,11 @@ def photo(width: int, height: int) -> bytes:
 
 
 def pipes(sam2_repo, detr_repo, **settings) -> Pipelines:
-    return Pipelines(Settings(sam2_dir=sam2_repo, detr_dir=detr_repo,
-                              providers=["CPUExecutionProvider"], **settings))
+    return Pipelines(
+        Settings(
+            sam2_dir=sam2_repo, detr_dir=detr_repo, providers=["CPUExecutionProvider"], **settings
+        )
+    )
 
 
 def centroid(mask: np.ndarray) -> tuple[float, float]:
@@ -59,8 +62,9 @@ def test_a_cached_embedding_needs_no_pixel_decode(sam2_repo, detr_repo, monkeypa
     data = photo(640, 480)
     decodes = []
     real = pipelines_module.load_image
-    monkeypatch.setattr(pipelines_module, "load_image",
-                        lambda *a, **k: decodes.append(1) or real(*a, **k))
+    monkeypatch.setattr(
+        pipelines_module, "load_image", lambda *a, **k: decodes.append(1) or real(*a, **k)
+    )
     first = p.segment(data, {"point": [100, 200]})
     second = p.segment(data, {"point": [500, 300]})
     assert [first.result["embedding_cache"], second.result["embedding_cache"]] == ["miss", "hit"]
@@ -117,8 +121,9 @@ def test_panoptic_pixels_block_by_block_equal_whole_planes(height: int, width: i
     logits = rng.normal(0, 3, (6, 23, 31)).astype(np.float32)
     logits[:, :4] = -200.0  # every probability underflows to 0 there: ties go to query 0
     scores = rng.uniform(0.5, 1.0, 6).astype(np.float32)
-    weighted = np.stack([resize_bilinear(_sigmoid(m), height, width) * s
-                         for m, s in zip(logits, scores)])
+    weighted = np.stack(
+        [resize_bilinear(_sigmoid(m), height, width) * s for m, s in zip(logits, scores)]
+    )
     owner, confident = _assign_pixels(logits, scores, height, width, 0.3)
     np.testing.assert_array_equal(owner, weighted.argmax(0))
     assert confident == [int(n) for n in (weighted >= 0.3).sum((1, 2))]

@@ -107,7 +107,9 @@ def load_image(
     )
 
 
-def read_size(data: bytes, *, max_pixels: int, max_bytes: int, min_side: int = 2) -> tuple[int, int]:
+def read_size(
+    data: bytes, *, max_pixels: int, max_bytes: int, min_side: int = 2
+) -> tuple[int, int]:
     """The displayed ``(width, height)`` of ``data`` (EXIF orientation applied) from its
     header, with every check ``load_image`` makes before decoding a pixel, and the same
     errors. Enough for a job whose pixels are already known (a cached SAM 2 embedding)."""

@@ -115,7 +115,8 @@ def _resize(x: np.ndarray, height: int, width: int, threshold: float | None) -> 
     for start in range(0, height, ROWS_PER_BLOCK):
         stop = min(start + ROWS_PER_BLOCK, height)
         n = stop - start
-        blend = rows.block(start, stop, out[start:stop] if threshold is None else top[:n], bottom[:n])
+        target = out[start:stop] if threshold is None else top[:n]
+        blend = rows.block(start, stop, target, bottom[:n])
         if threshold is not None:
             np.greater(blend, threshold, out=out[start:stop])
     return out
