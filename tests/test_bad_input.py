@@ -268,9 +268,7 @@ def stack(
         module_monkeypatch,
         max_image_bytes=MAX_IMAGE_BYTES,
         offline=True,
-    )
-    s.settings = s.settings.model_copy(
-        update={"allowed_inputs": [*s.settings.allowed_inputs, f"s3://{MISSING_BUCKET}/"]}
+        allowed_inputs=["s3://segq-input/", f"s3://{MISSING_BUCKET}/"],
     )
     s.worker(name="bad").start()
     yield s

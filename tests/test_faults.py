@@ -52,10 +52,8 @@ T = TypeVar("T")
 @pytest.fixture(scope="module")
 def stack(redis_server, s3_server, sam2_repo, detr_repo, tmp_path_factory, module_monkeypatch) -> Iterator[Stack]:
     s = make_stack(redis_server, s3_server, sam2_repo, detr_repo, tmp_path_factory.mktemp("logs"),
-                   module_monkeypatch, **SETTINGS)  # fmt: skip
-    s.settings = s.settings.model_copy(
-        update={"allowed_inputs": [*s.settings.allowed_inputs, f"s3://{MISSING_BUCKET}/"]}
-    )
+                   module_monkeypatch, **SETTINGS,
+                   allowed_inputs=["s3://segq-input/", f"s3://{MISSING_BUCKET}/"])  # fmt: skip
     yield s
     s.stop_workers()
 

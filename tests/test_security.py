@@ -54,8 +54,8 @@ def stack(
         tmp_path_factory.mktemp("logs"),
         module_monkeypatch,
         offline=True,
+        allowed_inputs=[f"s3://segq-input/{ALLOWED}/"],
     )
-    s.settings = s.settings.model_copy(update={"allowed_inputs": [f"s3://segq-input/{ALLOWED}/"]})
     assert not s.settings.webhook_allow_private
     s.worker(name="sec").start()
     yield s

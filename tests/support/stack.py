@@ -82,8 +82,7 @@ def make_stack(
         monkeypatch.setenv(name, value)
     db = next(_db) % 16 or 1
     base = redis_server.url.rsplit("/", 1)[0]
-    redis_server.client().select  # noqa: B018  (server is up)
-    settings = Settings(
+    defaults = dict(
         redis_url=f"{base}/{db}",
         s3_endpoint_url=s3_server.endpoint_url,
         s3_region=s3_server.region,
@@ -99,8 +98,8 @@ def make_stack(
         s3_max_attempts=2,
         retry_backoff_s=0.2,
         retry_backoff_max_s=2.0,
-        **overrides,
     )
+    settings = Settings(**{**defaults, **overrides})  # any default can be overridden
     import redis
 
     redis.Redis.from_url(settings.redis_url).flushdb()
