@@ -3,6 +3,7 @@
     segq dev                                   the whole stack locally, a sample through all four jobs
     segq worker --queues segq.interactive --pool threads --concurrency 2
     segq submit cutout s3://segq-input/photo.jpg --point 320,240 --wait
+    segq upload photo.jpg s3://segq-input/photos/
     segq status JOB_ID | segq wait JOB_ID | segq cancel JOB_ID
     segq download-models [--segment] [--panoptic]
     segq health
@@ -15,6 +16,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from config.errors import SegqError
@@ -133,6 +135,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     for url in {settings.redis_url, settings.broker}:
         if url.startswith(("redis://", "rediss://")):
             _check_redis_credentials(url)
+    import worker.inference.sessions  # noqa: F401  a missing onnxruntime says which extra, here
     from worker.app import app
 
     queues = args.queues or f"{settings.queue_segment},{settings.queue_batch}"
@@ -147,6 +150,33 @@ def cmd_worker(args: argparse.Namespace) -> int:
     if args.hostname:
         argv.append(f"--hostname={args.hostname}")
     app.worker_main(argv)
+    return 0
+
+
+def cmd_upload(args: argparse.Namespace) -> int:
+    """Put a local file where jobs can read it, with the credentials of boto3's usual chain."""
+    import mimetypes
+    from pathlib import Path
+
+    from api_client.client import SegmentationClient
+    from config.contract import S3Ref
+    from config.errors import ForbiddenLocation, InvalidPayload
+
+    path = Path(args.file)
+    if not path.is_file():
+        raise InvalidPayload(f"{path} is not a file")
+    destination = args.destination
+    if destination.endswith("/"):
+        destination += path.name
+    ref = S3Ref.parse(destination)
+    client = SegmentationClient()
+    content_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+    uri = client.storage.upload(ref, path.read_bytes(), content_type)
+    try:
+        client.storage.check_readable(ref)
+    except ForbiddenLocation as err:
+        print(f"segq: note: jobs cannot read it: {err.message}", file=sys.stderr)
+    print(uri)
     return 0
 
 
@@ -195,7 +225,9 @@ def cmd_metrics(args: argparse.Namespace) -> int:
 def cmd_dev(args: argparse.Namespace) -> int:
     from api_client.dev import run_dev
 
-    return run_dev(image=args.image, keep_running=not args.once, workdir=args.workdir)
+    return run_dev(
+        image=args.image, keep_running=not args.once, workdir=args.workdir, output_dir=Path(args.output)
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -207,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", help="a local photo to use instead of the bundled sample")
     p.add_argument("--once", action="store_true", help="stop everything after the sample jobs")
     p.add_argument("--workdir", help="where the local services keep data (default: a temp dir)")
+    p.add_argument("--output", default="segq-dev-output", help="where the outputs are saved")
     p.set_defaults(func=cmd_dev)
 
     p = sub.add_parser("worker", help="run a Celery worker (models load before it takes work)")
@@ -232,6 +265,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float)
     p.set_defaults(func=cmd_submit)
 
+    p = sub.add_parser("upload", help="put a local image into S3 for jobs to read")
+    p.add_argument("file", help="a local file")
+    p.add_argument("destination", help="s3://BUCKET/KEY, or s3://BUCKET/PREFIX/ to keep the file's name")
+    p.set_defaults(func=cmd_upload)
+
     p = sub.add_parser("status", help="print a job's status")
     p.add_argument("job_id")
     p.set_defaults(func=cmd_status)
@@ -252,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_download_models)
 
     p = sub.add_parser("health", help="exit 0 when a worker is ready (for container health checks)")
-    p.add_argument("--hostname", help="worker to ask (default: any worker on this host)")
+    p.add_argument("--hostname", help="worker to ask (default: every worker on this host)")
     p.add_argument("--timeout", type=float, default=5.0)
     p.set_defaults(func=cmd_health)
 

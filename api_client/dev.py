@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -82,7 +83,15 @@ def _stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-def run_dev(*, image: Optional[str] = None, keep_running: bool = True, workdir: Optional[str] = None) -> int:
+def run_dev(
+    *,
+    image: Optional[str] = None,
+    keep_running: bool = True,
+    workdir: Optional[str] = None,
+    output_dir: Path = OUTPUT_DIR,
+) -> int:
+    import boto3
+
     from api_client.localstack import RedisServer, S3Server
 
     base = get_settings()
@@ -106,20 +115,28 @@ def run_dev(*, image: Optional[str] = None, keep_running: bool = True, workdir: 
         s3 = stack.enter_context(
             S3Server(access_key=access_key, secret_key=secret_key, data_dir=root / "s3")
         )
-        env = {
-            **os.environ,
+        # What another shell needs to reach this stack: the children get it, and it is
+        # printed at the end; this process keeps its own environment.
+        stack_env = {
             **s3.env(),
             "SEGQ_REDIS_URL": redis.url,
             "SEGQ_ALLOWED_INPUTS": '["s3://segq-input/"]',
-            "PYTHONUNBUFFERED": "1",
         }
-        os.environ.update({k: v for k, v in env.items() if k.startswith(("SEGQ_", "AWS_"))})
-        get_settings.cache_clear()
-        settings = get_settings()
+        env = {**os.environ, **stack_env, "PYTHONUNBUFFERED": "1"}
+        settings = base.model_copy(
+            update={
+                "redis_url": redis.url,
+                "s3_endpoint_url": s3.endpoint_url,
+                "s3_region": s3.region,
+                "allowed_inputs": ["s3://segq-input/"],
+            }
+        )
 
         from api_client.client import SegmentationClient
+        from worker.storage import Storage
 
-        client = SegmentationClient(settings)
+        session = boto3.session.Session(aws_access_key_id=access_key, aws_secret_access_key=secret_key)
+        client = SegmentationClient(settings, storage=Storage(settings, session=session))
         client.storage.ensure_buckets([settings.input_bucket, settings.output_bucket])
 
         logs = root / "logs"
@@ -150,7 +167,7 @@ def run_dev(*, image: Optional[str] = None, keep_running: bool = True, workdir: 
             "cutout": client.cutout(uri, None),
             "overlay": client.overlay(uri),
         }
-        OUTPUT_DIR.mkdir(exist_ok=True)
+        output_dir.mkdir(parents=True, exist_ok=True)
         failures = 0
         for kind, job in jobs.items():
             try:
@@ -163,11 +180,12 @@ def run_dev(*, image: Optional[str] = None, keep_running: bool = True, workdir: 
             _say(f"{kind:9s} {job.id}  {st.state.value} in {took:.1f}s  {_summary(st.result or {})}")
             for out_name, url in job.urls().items():
                 if out_name != "manifest.json":
-                    local = OUTPUT_DIR / f"{kind}-{out_name}"
+                    local = output_dir / f"{kind}-{out_name}"
                     local.write_bytes(job.output(out_name))
                     _say(f"    {out_name}: {local}\n      {url}")
         _say(f"\nFlower: http://127.0.0.1:{flower_port}  (user segq, password {flower_password})")
-        _say(f"env for other shells: SEGQ_REDIS_URL={redis.url} SEGQ_S3_ENDPOINT_URL={s3.endpoint_url}")
+        exports = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(stack_env.items()))
+        _say(f"other shells reach this stack with:\n  export {exports}")
         if keep_running and failures == 0:
             _say("the stack keeps running; Ctrl-C stops everything it started")
             try:

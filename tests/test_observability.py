@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
+import socket
 import subprocess
 import sys
 import time
@@ -313,7 +314,29 @@ def test_health_of_a_ready_worker_exits_zero_with_providers_and_probe_time(obs):
 def test_health_of_a_missing_worker_exits_nonzero(obs):
     done = _segq(obs.env(), "health", "--hostname", "nobody@nowhere", "--timeout", "2")
     assert done.returncode == 1
-    assert "no answer from worker nobody@nowhere" in done.stderr
+    assert "no answer from nobody@nowhere" in done.stderr
+
+
+def test_health_without_a_hostname_asks_every_worker_on_this_host(stack):
+    """As a container's HEALTHCHECK runs it: no --hostname, whatever the worker is named."""
+    worker = stack.worker(name="local", host=socket.gethostname(), concurrency=1).start()
+    try:
+        done = _segq(stack.env(), "health", "--timeout", "3")
+        assert done.returncode == 0, done.stderr
+        reports = json.loads(done.stdout)
+        assert worker.hostname in reports and reports[worker.hostname]["ready"] is True
+        assert all(name.endswith("@" + socket.gethostname()) for name in reports)
+    finally:
+        worker.terminate()
+
+
+def test_health_with_redis_down_says_so_in_one_line(obs):
+    dead = free_ports(1)[0]
+    done = _segq({**obs.env(), "SEGQ_REDIS_URL": f"redis://127.0.0.1:{dead}/0"}, "health")
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines() == [done.stderr.strip()]
+    assert "queue_unavailable" in done.stderr and "Redis is unreachable" in done.stderr
 
 
 def test_health_of_a_prefork_worker_counts_every_child(stack) -> None:

@@ -122,8 +122,11 @@ class Storage:
     """S3 access for one deployment's settings. Thread-safe: one boto3 client, made on
     first use and shared (boto3 clients are thread-safe; sessions are not)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, session: Optional[boto3.session.Session] = None) -> None:
+        """``session``: a boto3 session with credentials of its own (default: a new one,
+        credentials from boto3's usual chain)."""
         self.settings = settings
+        self._session = session
         self._client: Any = None
         self._lock = threading.Lock()
 
@@ -144,7 +147,7 @@ class Storage:
             connect_timeout=s.s3_connect_timeout_s,
             read_timeout=s.s3_read_timeout_s,
         )
-        return boto3.session.Session().client(
+        return (self._session or boto3.session.Session()).client(
             "s3", endpoint_url=s.s3_endpoint_url, region_name=s.s3_region, config=config
         )
 
@@ -231,10 +234,12 @@ class Storage:
 
     def upload_input(self, key: str, data: bytes, content_type: str) -> str:
         """Put an image into ``settings.input_bucket`` (for `segq dev`, tests, demos)."""
-        check_key(key)
-        return self._put(
-            S3Ref(bucket=self.settings.input_bucket, key=key), data, content_type, None
-        )
+        return self.upload(S3Ref(bucket=self.settings.input_bucket, key=key), data, content_type)
+
+    def upload(self, ref: S3Ref, data: bytes, content_type: str) -> str:
+        """Put an object at ``ref`` with the caller's credentials (`segq upload`)."""
+        check_key(ref.key)
+        return self._put(ref, data, content_type, None)
 
     def _put(
         self, ref: S3Ref, data: bytes, content_type: str, metadata: Optional[dict[str, str]]

@@ -53,10 +53,11 @@ class WorkerProcess:
         concurrency: int = 2,
         extra_env: Optional[dict[str, str]] = None,
         name: Optional[str] = None,
+        host: str = "test",
         imports: Sequence[str] = (),
     ) -> None:
         self.settings = settings
-        self.hostname = f"{name or 'w'}-{uuid.uuid4().hex[:6]}@test"
+        self.hostname = f"{name or 'w'}-{uuid.uuid4().hex[:6]}@{host}"
         self.log_path = Path(log_dir) / f"{self.hostname.split('@')[0]}.log"
         self.pool = pool
         self.concurrency = concurrency
