@@ -128,6 +128,12 @@ class InvalidConfig(SegqError):
     code = "invalid_config"
 
 
+class DependencyMissing(SegqError):
+    """An optional part of segq is used without the extra that installs it."""
+
+    code = "dependency_missing"
+
+
 class LocalServiceError(SegqError):
     """A local Redis or S3 server for `segq dev` or the tests would not start."""
 

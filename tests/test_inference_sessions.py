@@ -64,6 +64,30 @@ def test_unreadable_model_file_is_incompatible(tmp_path: Path) -> None:
         load_sam2(Settings(sam2_dir=tmp_path, providers=CPU))
 
 
+def test_a_model_newer_than_onnxruntime_names_both_versions_and_the_upgrade(tmp_path: Path) -> None:
+    import onnx
+    import onnxruntime
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 99)])
+    model.ir_version = 10
+    path = tmp_path / "future.onnx"
+    onnx.save(model, str(path))
+    with pytest.raises(ModelIncompatible) as err:
+        get_session(path, Settings(providers=CPU))
+    message = err.value.message
+    assert "IR version 10" in message and "ai.onnx 99" in message
+    assert f"onnxruntime {onnxruntime.__version__}" in message
+    assert "pip install -U 'segq[cpu]'" in message
+    assert "onnxruntime_src" not in message  # onnxruntime's source path is noise to a user
+    assert err.value.details["opsets"] == {"": 99}
+
+
 def test_models_are_loaded_once_and_overrides_reuse_them(sam2_repo: Path, tmp_path: Path) -> None:
     repo = shutil.copytree(sam2_repo, tmp_path / "sam2")
     settings = Settings(sam2_dir=repo, providers=CPU)

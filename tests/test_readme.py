@@ -29,7 +29,7 @@ def test_ci_runs_the_readme_test_command():
 def test_the_client_calls_shown_exist():
     for name in re.findall(r"client\.(\w+)\(", README):
         assert hasattr(SegmentationClient, name), name
-        assert hasattr(AsyncSegmentationClient, name) or name == "upload", name
+        assert hasattr(AsyncSegmentationClient, name), name
     for name in re.findall(r"job\.(\w+)\(", README):
         assert hasattr(Job, name), name
 
@@ -44,3 +44,15 @@ def test_api_client_imports_without_onnxruntime():
     code = "import sys, api_client.client, api_client.cli, api_client.events; print('onnxruntime' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_a_worker_without_onnxruntime_says_which_extra_to_install():
+    """`pip install segq` without [cpu] or [gpu]: producers work, a worker says what to do."""
+    code = (
+        "import sys; sys.modules['onnxruntime'] = None\n"  # as if it were not installed
+        "from api_client.cli import main; sys.exit(main(['worker']))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    assert "pip install 'segq[cpu]'" in done.stderr and "'segq[gpu]'" in done.stderr

@@ -24,11 +24,10 @@ from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
-import onnxruntime as ort
 from PIL import Image
 
 from worker.inference.labels import label_name
-from worker.inference.sessions import input_shape, provider, require_io
+from worker.inference.sessions import input_shape, ort, provider, require_io
 from worker.inference.transforms import ROWS_PER_BLOCK, BilinearRows, to_model_input
 
 SHORTEST_EDGE = 800

@@ -17,12 +17,11 @@ from dataclasses import dataclass
 from typing import Optional, Union
 
 import numpy as np
-import onnxruntime as ort
 from PIL import Image
 
 from config.contract import Prompt
 from worker.inference.cache import EmbeddingCache
-from worker.inference.sessions import input_shape, provider, require_io
+from worker.inference.sessions import input_shape, ort, provider, require_io
 from worker.inference.transforms import to_model_input, upsample_mask
 
 ENCODER_INPUT = "image"

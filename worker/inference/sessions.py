@@ -7,14 +7,21 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Optional
 
-import onnxruntime as ort
+from config.errors import DependencyMissing, ModelIncompatible
 
-from config.errors import ModelIncompatible
+try:
+    import onnxruntime as ort
+except ImportError:  # segq installed without an extra: producers need no onnxruntime
+    raise DependencyMissing(
+        "onnxruntime is not installed, and workers need it: pip install 'segq[cpu]', "
+        "or 'segq[gpu]' on a machine with an NVIDIA GPU (CUDA 12/13)"
+    ) from None
 from config.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -81,6 +88,40 @@ def float16_copy(path: Path, cache_dir: Optional[Path] = None) -> Path:
     return target
 
 
+def load_failure(path: Path, error: Exception) -> ModelIncompatible:
+    """A model onnxruntime refused, said with the file's ONNX IR version and opsets beside
+    onnxruntime's own version: a file newer than the runtime is fixed by upgrading it."""
+    reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+    # drop onnxruntime's "[ONNXRuntimeError] : 1 : FAIL : file.h:46 void f(...) " prefix
+    source = re.search(r"\.(?:h|cc|cpp):\d+ .*?\)\s(?=\S)", reason)
+    reason = reason[source.end():] if source else reason
+    versions = model_versions(path)
+    message = f"onnxruntime {ort.__version__} cannot load {path}: {reason[:300]}"
+    details: dict = {"onnxruntime": ort.__version__}
+    if versions is not None:
+        ir_version, opsets = versions
+        stamped = ", ".join(f"{domain or 'ai.onnx'} {v}" for domain, v in sorted(opsets.items()))
+        message += (
+            f". The file is ONNX IR version {ir_version} with opsets {stamped}: if onnxruntime "
+            f"{ort.__version__} is older than that needs, upgrade it (pip install -U "
+            f"'segq[cpu]', or 'segq[gpu]'), or export the model for an older opset"
+        )
+        details.update(ir_version=ir_version, opsets=opsets)
+    return ModelIncompatible(message, **details)
+
+
+def model_versions(path: Path) -> Optional[tuple[int, dict[str, int]]]:
+    """``(ir_version, {domain: opset})`` stamped in an ONNX file, or None if it cannot be
+    read (not ONNX, or the ``onnx`` package is missing)."""
+    try:
+        import onnx
+
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001  any failure: the versions are unknown
+        return None
+    return int(model.ir_version), {o.domain: int(o.version) for o in model.opset_import}
+
+
 def provider(session: ort.InferenceSession) -> str:
     """The execution provider that runs ``session`` (the first one it accepted)."""
     return session.get_providers()[0]
@@ -139,8 +180,6 @@ def _create(path: Path, providers: tuple[str, ...], settings: Settings) -> ort.I
     try:
         session = ort.InferenceSession(str(path), sess_options=options, providers=list(providers))
     except Exception as e:  # onnxruntime raises its own untyped errors for unreadable models
-        raise ModelIncompatible(
-            f"onnxruntime cannot load {path}: {str(e).splitlines()[0]}"
-        ) from None
+        raise load_failure(path, e) from None
     log.info("loaded %s on %s (asked for %s)", path.name, provider(session), ", ".join(providers))
     return session
