@@ -53,7 +53,7 @@ _JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 
 
 @contextmanager
-def _redis_reachable(action: str) -> Iterator[None]:
+def redis_reachable(action: str) -> Iterator[None]:
     """Redis down past the status store's reconnect budget, or a publish the broker
     refuses, becomes ``QueueUnavailable``: producers see "try again later" with a code,
     not redis-py's or kombu's traceback. A wrong password is no outage and stays as it is."""
@@ -99,9 +99,15 @@ class Job:
 class SegmentationClient:
     """Producer side of segq. Thread-safe; create one per process and reuse it."""
 
-    def __init__(self, settings: Optional[Settings] = None, **overrides: Any) -> None:
+    def __init__(
+        self, settings: Optional[Settings] = None, *, storage: Optional[Storage] = None, **overrides: Any
+    ) -> None:
+        """``settings`` (default: from the SEGQ_* environment), with ``overrides`` applied;
+        ``storage`` to use S3 with credentials of its own instead of boto3's usual chain."""
         base = settings or get_settings()
         self.settings = base.model_copy(update=overrides) if overrides else base
+        if storage is not None:
+            self.storage = storage
 
     @cached_property
     def _celery(self) -> Celery:
@@ -146,7 +152,7 @@ class SegmentationClient:
         if not _JOB_ID.fullmatch(job_id):
             raise InvalidPayload(f"job ids are 1-128 letters, digits, '-' or '_'; got {job_id!r}")
 
-        with _redis_reachable(f"submit a {name} job"):
+        with redis_reachable(f"submit a {name} job"):
             if idempotency_key:
                 job_id, created = self._status.idempotent_create(idempotency_key, job_id, name, image)
                 if not created:
@@ -186,7 +192,7 @@ class SegmentationClient:
 
     def status(self, job_id: str) -> JobStatus:
         """The job's current record; ``JobNotFound`` if no such job (or it expired)."""
-        with _redis_reachable(f"read the status of job {job_id}"):
+        with redis_reachable(f"read the status of job {job_id}"):
             found = self._status.get(job_id)
         if found is None:
             raise JobNotFound(f"no job {job_id!r} (never submitted, or its status expired)")
@@ -202,25 +208,14 @@ class SegmentationClient:
     ) -> JobStatus:
         """Block until the job is final. Returns the ``succeeded`` status; raises
         ``JobFailed`` (with the job's error code), ``JobCancelled`` or ``JobTimeout``."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        last: tuple | None = None
-        delay = poll
-        while True:
-            st = self.status(job_id)
-            seen = (st.state, st.stage, st.attempts)
-            if on_update and seen != last:
-                on_update(st)
-            last = seen
-            if st.is_final:
-                return _final(st)
-            if deadline is not None and time.monotonic() >= deadline:
-                raise JobTimeout(f"job {job_id} still {st.state.value} after {timeout}s", state=st.state.value)
-            time.sleep(delay if deadline is None else max(0.0, min(delay, deadline - time.monotonic())))
-            delay = min(delay * 1.5, 1.0)
+        waiter = _Waiter(job_id, timeout, poll, on_update)
+        while (delay := waiter.observe(self.status(job_id))) is not None:
+            time.sleep(delay)
+        return waiter.final
 
     def cancel(self, job_id: str) -> JobStatus:
         """Cancel a queued job: it ends ``cancelled`` and never runs."""
-        with _redis_reachable(f"cancel job {job_id}"):
+        with redis_reachable(f"cancel job {job_id}"):
             st = self._status.cancel(job_id)
             self._celery.control.revoke(job_id)
         return st
@@ -255,6 +250,45 @@ class SegmentationClient:
         return {name: self.storage.presign(key, ttl=ttl) for name, key in keys.items()}
 
 
+class _Waiter:
+    """The wait loop shared by the sync and async clients: each status read goes to
+    ``observe``, which says how long to sleep before the next (None: final, see
+    ``final``), calls ``on_update`` on each change, and raises on timeout."""
+
+    def __init__(
+        self,
+        job_id: str,
+        timeout: Optional[float],
+        poll: float,
+        on_update: Optional[Callable[[JobStatus], None]],
+    ) -> None:
+        self.job_id = job_id
+        self.timeout = timeout
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+        self.delay = poll
+        self.on_update = on_update
+        self.last: Optional[tuple] = None
+        self.final: JobStatus
+
+    def observe(self, st: JobStatus) -> Optional[float]:
+        seen = (st.state, st.stage, st.attempts)
+        if self.on_update is not None and seen != self.last:
+            self.on_update(st)
+        self.last = seen
+        if st.is_final:
+            self.final = _final(st)
+            return None
+        now = time.monotonic()
+        if self.deadline is not None and now >= self.deadline:
+            raise JobTimeout(
+                f"job {self.job_id} still {st.state.value} after {self.timeout}s",
+                state=st.state.value,
+            )
+        delay = self.delay if self.deadline is None else max(0.0, min(self.delay, self.deadline - now))
+        self.delay = min(self.delay * 1.5, 1.0)
+        return delay
+
+
 def _final(st: JobStatus) -> JobStatus:
     if st.state is JobState.succeeded:
         return st
@@ -264,6 +298,38 @@ def _final(st: JobStatus) -> JobStatus:
     raise JobFailed(st.job_id, err.code if err else "unknown", err.message if err else "failed")
 
 
+class AsyncJob:
+    """A handle on one submitted job, for ``AsyncSegmentationClient``: ``Job``'s methods,
+    awaitable."""
+
+    def __init__(self, client: "AsyncSegmentationClient", job_id: str, task: str, created: bool = True) -> None:
+        self.client = client
+        self.id = job_id
+        self.task = task
+        self.created = created
+
+    async def status(self) -> JobStatus:
+        return await self.client.status(self.id)
+
+    async def wait(self, timeout: Optional[float] = None, **kwargs: Any) -> JobStatus:
+        return await self.client.wait(self.id, timeout, **kwargs)
+
+    async def cancel(self) -> JobStatus:
+        return await self.client.cancel(self.id)
+
+    async def output(self, name: str) -> bytes:
+        return await self.client.output(self.id, name)
+
+    async def image(self, name: str) -> "Image.Image":
+        return await self.client.output_image(self.id, name)
+
+    async def urls(self, ttl: Optional[int] = None) -> dict[str, str]:
+        return await self.client.presigned_urls(self.id, ttl=ttl)
+
+    def __repr__(self) -> str:
+        return f"AsyncJob({self.id!r}, task={self.task!r})"
+
+
 class AsyncSegmentationClient:
     """The asyncio twin: the same methods, awaitable. Blocking I/O runs in threads; waiting
     sleeps on the event loop, so thousands of waits cost no threads."""
@@ -271,41 +337,53 @@ class AsyncSegmentationClient:
     def __init__(self, settings: Optional[Settings] = None, **overrides: Any) -> None:
         self.sync = SegmentationClient(settings, **overrides)
 
-    async def submit(self, task: str, image: str, prompt: PromptLike = None, **kwargs: Any) -> Job:
-        return await asyncio.to_thread(self.sync.submit, task, image, prompt, **kwargs)
+    @property
+    def settings(self) -> Settings:
+        return self.sync.settings
 
-    async def segment(self, image: str, prompt: PromptLike = None, **kwargs: Any) -> Job:
+    async def submit(self, task: str, image: str, prompt: PromptLike = None, **kwargs: Any) -> AsyncJob:
+        job = await asyncio.to_thread(self.sync.submit, task, image, prompt, **kwargs)
+        return AsyncJob(self, job.id, job.task, job.created)
+
+    async def segment(self, image: str, prompt: PromptLike = None, **kwargs: Any) -> AsyncJob:
         return await self.submit("segment", image, prompt, **kwargs)
 
-    async def panoptic(self, image: str, **kwargs: Any) -> Job:
+    async def panoptic(self, image: str, **kwargs: Any) -> AsyncJob:
         return await self.submit("panoptic", image, None, **kwargs)
 
-    async def cutout(self, image: str, prompt: PromptLike = None, **kwargs: Any) -> Job:
+    async def cutout(self, image: str, prompt: PromptLike = None, **kwargs: Any) -> AsyncJob:
         return await self.submit("cutout", image, prompt, **kwargs)
 
-    async def overlay(self, image: str, prompt: PromptLike = None, **kwargs: Any) -> Job:
+    async def overlay(self, image: str, prompt: PromptLike = None, **kwargs: Any) -> AsyncJob:
         return await self.submit("overlay", image, prompt, **kwargs)
+
+    async def upload(self, data: bytes, key: str, *, content_type: str = "application/octet-stream") -> str:
+        return await asyncio.to_thread(self.sync.upload, data, key, content_type=content_type)
 
     async def status(self, job_id: str) -> JobStatus:
         return await asyncio.to_thread(self.sync.status, job_id)
 
-    async def wait(self, job_id: str, timeout: Optional[float] = None, *, poll: float = 0.1) -> JobStatus:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        delay = poll
-        while True:
-            st = await self.status(job_id)
-            if st.is_final:
-                return _final(st)
-            if deadline is not None and time.monotonic() >= deadline:
-                raise JobTimeout(f"job {job_id} still {st.state.value} after {timeout}s")
+    async def wait(
+        self,
+        job_id: str,
+        timeout: Optional[float] = None,
+        *,
+        poll: float = 0.1,
+        on_update: Optional[Callable[[JobStatus], None]] = None,
+    ) -> JobStatus:
+        waiter = _Waiter(job_id, timeout, poll, on_update)
+        while (delay := waiter.observe(await self.status(job_id))) is not None:
             await asyncio.sleep(delay)
-            delay = min(delay * 1.5, 1.0)
+        return waiter.final
 
     async def cancel(self, job_id: str) -> JobStatus:
         return await asyncio.to_thread(self.sync.cancel, job_id)
 
     async def output(self, job_id: str, name: str) -> bytes:
         return await asyncio.to_thread(self.sync.output, job_id, name)
+
+    async def output_image(self, job_id: str, name: str) -> "Image.Image":
+        return await asyncio.to_thread(self.sync.output_image, job_id, name)
 
     async def presigned_urls(self, job_id: str, *, ttl: Optional[int] = None) -> dict[str, str]:
         return await asyncio.to_thread(self.sync.presigned_urls, job_id, ttl=ttl)

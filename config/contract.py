@@ -323,6 +323,9 @@ class JobState(str, Enum):
     failed = "failed"
     cancelled = "cancelled"
 
+    def __str__(self) -> str:  # print(status.state) says "succeeded", not "JobState.succeeded"
+        return self.value
+
     @property
     def is_final(self) -> bool:
         return self in (JobState.succeeded, JobState.failed, JobState.cancelled)
