@@ -1,7 +1,8 @@
 """segq's in-process pipelines against transformers' PyTorch pipelines on the same weights.
 
-transformers runs in a child process under an interpreter that has torch (the export venv,
-``/tmp/refmodels/venv/bin/python`` here), started once with its models loaded. The two sides
+transformers runs in a child process under an interpreter that has torch and transformers
+(``--python``, default ``$SEGQ_TORCH_PYTHON`` or this interpreter), started once with its
+models loaded. The two sides
 take turns, one call each, on the same JPEG bytes and prompt, so both see the same machine
 load and never run at the same time:
 
@@ -33,9 +34,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-TORCH_PYTHON = Path("/tmp/refmodels/venv/bin/python")
-# Makes the venv's CUDA-built torchvision importable beside CPU torch (see its README).
-TVSHIM_DIR = Path("/work/shared/tools/refmodels")
+TORCH_PYTHON = Path(os.environ.get("SEGQ_TORCH_PYTHON") or sys.executable)
 
 
 class TransformersSide:
@@ -95,8 +94,12 @@ def bench_vs_transformers(
     from worker.inference.labels import COCO_STUFF
     from worker.pipelines import Pipelines
 
-    if not Path(python).exists():
-        return {"skipped": f"no interpreter with torch at {python}"}
+    probe = subprocess.run([str(python), "-c", "import torch, transformers"], capture_output=True)
+    if probe.returncode != 0:
+        return {
+            "skipped": f"{python} cannot import torch and transformers; name one that can "
+            "with --torch-python or SEGQ_TORCH_PYTHON (pip install -e '.[export]')"
+        }
     models = Path(settings.sam2_dir).parent
     threads = settings.intra_op_threads or os.cpu_count() or 1
     pipes = Pipelines(settings)
@@ -197,14 +200,34 @@ def _label_map_difference(a: np.ndarray, b: np.ndarray) -> int:
 # --- the child: transformers ------------------------------------------------------------
 
 
+def _torchvision_without_native_ops(torch: Any) -> None:
+    """transformers' SAM 2 image processor imports torchvision, and a torchvision wheel
+    built for CUDA beside a CPU torch fails on import: its fake-kernel registrations need
+    the ``nms``/``qnms`` schemas its native library would declare. Declare them when that
+    library cannot load; the processors use only pure-torch resizing."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("torchvision")
+    if spec is None or spec.origin is None:
+        return
+    folder = Path(spec.origin).parent
+    for native in folder.glob("_C*.so"):
+        try:
+            torch.ops.load_library(str(native))
+            return
+        except (OSError, RuntimeError):
+            pass
+    library = torch.library.Library("torchvision", "DEF")
+    library.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    library.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    _torchvision_without_native_ops.library = library  # type: ignore[attr-defined]  # kept alive
+
+
 def serve(models: Path, threads: int, with_detr: bool) -> None:
     """Answer requests on stdin, one JSON line each, with one JSON line on stdout."""
-    sys.path.insert(0, str(TVSHIM_DIR))
-    try:
-        import _tvshim  # noqa: F401  (before transformers)
-    except ImportError:
-        pass
     import torch
+
+    _torchvision_without_native_ops(torch)
     import transformers
     from PIL import Image
     from transformers import (

@@ -1,6 +1,7 @@
-"""Correct to the model: our pipelines on the random-weight, real-architecture exports in
-``/tmp/refmodels/out`` against the transformers PyTorch oracle with the same weights
-(``/work/shared/tools/refmodels/reference.py``). Skipped where those files are absent.
+"""Correct to the model: our pipelines on random-weight, real-architecture exports against
+oracle outputs of transformers' PyTorch models with the same weights, from an independent
+reference pipeline kept outside this repository. ``SEGQ_REFERENCE_DIR`` names its output
+folder; skipped where it is not set.
 
 SAM 2 is compared with the masks from the decoder's ±32-clamped logits (what the ONNX
 decoder returns); DETR with transformers' PIL-backend processor, whose resize is Pillow's
@@ -11,6 +12,7 @@ of 307,200 per candidate, DETR segmentation within 5 pixels with the same two se
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, Optional
 
@@ -23,26 +25,23 @@ from config.settings import Settings
 from worker.inference import DetrPanopticModel, Sam2Embedding, Sam2Model, load_detr, load_sam2
 from worker.inference.detr import postprocess
 
-REF = Path("/tmp/refmodels/out")
+REF = Path(os.environ.get("SEGQ_REFERENCE_DIR", "/nonexistent"))
 IMAGE = REF / "ref" / "synthetic640x480.png"
 SAM2_ORACLE = REF / "ref" / "sam2_synthetic640x480.npz"
 DETR_ORACLE = REF / "ref" / "detr_synthetic640x480_pil.npz"
-MAKE_DETR_ORACLE = (
-    "/tmp/refmodels/venv/bin/python /work/shared/tools/refmodels/reference.py detr "
-    f"--image {IMAGE} --detr-backend pil --out {DETR_ORACLE}"
-)
 
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(
-        not (REF / "sam2" / "encoder.onnx").is_file(), reason=f"no reference models in {REF}"
+        not (REF / "sam2" / "encoder.onnx").is_file(),
+        reason="SEGQ_REFERENCE_DIR names no reference exports",
     ),
 ]
 
 
 def oracle(path: Path) -> tuple[Any, dict]:
     if not path.is_file():
-        pytest.skip(f"no oracle {path}; make it with: {MAKE_DETR_ORACLE}")
+        pytest.skip(f"the reference folder has no {path.name}")
     return np.load(path), json.loads(path.with_suffix(".json").read_text())
 
 
