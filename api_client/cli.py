@@ -1,13 +1,14 @@
 """The ``segq`` command line.
 
     segq dev                                   the whole stack locally, a sample through all four jobs
-    segq worker --queues segq.interactive --pool threads --concurrency 2
     segq submit cutout s3://segq-input/photo.jpg --point 320,240 --wait
     segq upload photo.jpg s3://segq-input/photos/
     segq status JOB_ID | segq wait JOB_ID | segq cancel JOB_ID
-    segq download-models [--segment] [--panoptic]
     segq health
     segq metrics --port 9809                   queue gauges for an autoscaler, no worker needed
+
+The worker's commands (``segq worker``, ``segq download-models``) are ``worker.cli``'s,
+added through the ``segq.commands`` entry points.
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ import argparse
 import json
 import logging
 import sys
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from config.contract import SHORT_NAMES
 from config.errors import SegqError
 
 
@@ -110,49 +113,6 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_redis_credentials(url: str) -> None:
-    """A wrong Redis password never heals: stop with a clear error where Celery would try
-    again for ever. An unreachable Redis is left to Celery's retries (it may be starting)."""
-    import redis
-
-    from config.errors import InvalidConfig
-
-    try:
-        with redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=5) as client:
-            client.ping()
-    except redis.AuthenticationError as exc:
-        raise InvalidConfig(
-            f"Redis refused the credentials in SEGQ_REDIS_URL / SEGQ_BROKER_URL: {exc}"
-        ) from None
-    except redis.RedisError:
-        pass
-
-
-def cmd_worker(args: argparse.Namespace) -> int:
-    from config.settings import get_settings
-
-    settings = get_settings()
-    for url in {settings.redis_url, settings.broker}:
-        if url.startswith(("redis://", "rediss://")):
-            _check_redis_credentials(url)
-    import worker.inference.sessions  # noqa: F401  a missing onnxruntime says which extra, here
-    from worker.app import app
-
-    queues = args.queues or f"{settings.queue_segment},{settings.queue_batch}"
-    argv = [
-        "worker",
-        f"--queues={queues}",
-        f"--pool={args.pool or settings.pool}",
-        f"--concurrency={args.concurrency or settings.concurrency}",
-        f"--loglevel={args.loglevel}",
-        "--task-events",
-    ]
-    if args.hostname:
-        argv.append(f"--hostname={args.hostname}")
-    app.worker_main(argv)
-    return 0
-
-
 def cmd_upload(args: argparse.Namespace) -> int:
     """Put a local file where jobs can read it, with the credentials of boto3's usual chain."""
     import mimetypes
@@ -180,19 +140,6 @@ def cmd_upload(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_download_models(args: argparse.Namespace) -> int:
-    from config.settings import get_settings
-    from worker.inference.hub import download_models
-
-    both = not args.segment and not args.panoptic
-    files = download_models(
-        get_settings(), segment=both or args.segment, panoptic=both or args.panoptic, progress=True
-    )
-    for name, path in files.items():
-        print(f"{name}: {path}")
-    return 0
-
-
 def cmd_health(args: argparse.Namespace) -> int:
     from api_client.health import check_health
 
@@ -204,19 +151,14 @@ def cmd_metrics(args: argparse.Namespace) -> int:
     from zero, when no worker's own metrics endpoint exists."""
     import threading
 
-    from prometheus_client import CollectorRegistry, start_http_server
+    from prometheus_client import CollectorRegistry
 
-    from api_client.queue_metrics import QueueCollector, readable_broker
-    from config.errors import InvalidConfig
+    from config.queues import serve_metrics
     from config.settings import get_settings
 
-    settings = get_settings()
-    if not readable_broker(settings.broker):
-        scheme = settings.broker.split(":", 1)[0]  # not the whole URL: it may hold a password
-        raise InvalidConfig(f"segq metrics reads queue depth from a Redis broker, not {scheme}://")
-    registry = CollectorRegistry()
-    registry.register(QueueCollector(settings.broker, [settings.queue_segment, settings.queue_batch]))
-    server, _ = start_http_server(args.port, addr=args.host, registry=registry)
+    server = serve_metrics(
+        get_settings(), args.port, host=args.host, registry=CollectorRegistry(), require_gauges=True
+    )
     print(f"segq: queue metrics on http://{args.host}:{server.server_port}/metrics", flush=True)
     threading.Event().wait()
     return 0
@@ -242,16 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="segq-dev-output", help="where the outputs are saved")
     p.set_defaults(func=cmd_dev)
 
-    p = sub.add_parser("worker", help="run a Celery worker (models load before it takes work)")
-    p.add_argument("--queues", help="comma-separated queues (default: both segq queues)")
-    p.add_argument("--pool", choices=["threads", "prefork", "solo"])
-    p.add_argument("--concurrency", type=int)
-    p.add_argument("--hostname")
-    p.add_argument("--loglevel", default="INFO")
-    p.set_defaults(func=cmd_worker)
-
     p = sub.add_parser("submit", help="submit a job")
-    p.add_argument("task", choices=["segment", "panoptic", "cutout", "overlay"])
+    p.add_argument("task", choices=list(SHORT_NAMES))
     p.add_argument("image", help="s3://bucket/key")
     p.add_argument("--point", action="append", metavar="X,Y", help="a prompt point (repeatable)")
     p.add_argument("--label", action="append", choices=["0", "1"], help="label per --point")
@@ -284,11 +218,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("job_id")
     p.set_defaults(func=cmd_cancel)
 
-    p = sub.add_parser("download-models", help="fill the model cache ahead of time")
-    p.add_argument("--segment", action="store_true", help="SAM 2 only")
-    p.add_argument("--panoptic", action="store_true", help="DETR only")
-    p.set_defaults(func=cmd_download_models)
-
     p = sub.add_parser("health", help="exit 0 when a worker is ready (for container health checks)")
     p.add_argument("--hostname", help="worker to ask (default: every worker on this host)")
     p.add_argument("--timeout", type=float, default=5.0)
@@ -299,8 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=9809)
     p.set_defaults(func=cmd_metrics)
 
-    from api_client.event_server import cmd_events_serve
-    from api_client.events import cmd_events_sqs
+    from api_client.events.server import cmd_events_serve
+    from api_client.events.sqs import cmd_events_sqs
 
     p = sub.add_parser("events", help="turn S3 upload events into jobs by SEGQ_EVENT_RULES")
     events = p.add_subparsers(dest="events_command", required=True, metavar="SOURCE")
@@ -315,6 +244,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--endpoint-url", help="an SQS-compatible endpoint instead of AWS")
     p.add_argument("--max-messages", type=int, help="stop after this many messages")
     p.set_defaults(func=cmd_events_sqs)
+
+    # Commands of other parts of segq (the worker's: `segq worker`, `segq download-models`)
+    # come through the "segq.commands" entry points, so this module never imports them.
+    for entry in entry_points(group="segq.commands"):
+        entry.load()(sub)
     return parser
 
 

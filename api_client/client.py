@@ -16,55 +16,34 @@ fails at submit time rather than in a worker.
 from __future__ import annotations
 
 import asyncio
-import re
 import io
 import json
 import time
 import uuid
-from contextlib import contextmanager
 from functools import cached_property
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
-import redis
 from celery import Celery
-from kombu.exceptions import OperationalError
 
 from config.celeryconfig import celery_config, task_queues
-from config.contract import JobState, JobStatus, parse_request, task_name
-from config.errors import (
-    InvalidPayload,
-    JobCancelled,
-    JobFailed,
-    JobNotFound,
-    JobTimeout,
-    QueueUnavailable,
+from config.contract import (
+    JobState,
+    JobStatus,
+    check_idempotency_key,
+    check_job_id,
+    parse_request,
+    task_name,
 )
+from config.errors import JobCancelled, JobFailed, JobNotFound, JobTimeout
 from config.settings import Settings, get_settings
-from worker.status import StatusStore
-from worker.storage import Storage
-from worker.urlguard import check_url
+from config.status import StatusStore, redis_reachable
+from config.storage import Storage
+from config.urlguard import check_url
 
 if TYPE_CHECKING:
     from PIL import Image
 
 PromptLike = Optional[dict[str, Any]]
-# job ids become S3 key segments and Redis key suffixes: keep them plain
-_JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
-
-
-@contextmanager
-def redis_reachable(action: str) -> Iterator[None]:
-    """Redis down past the status store's reconnect budget, or a publish the broker
-    refuses, becomes ``QueueUnavailable``: producers see "try again later" with a code,
-    not redis-py's or kombu's traceback. A wrong password is no outage and stays as it is."""
-    try:
-        yield
-    except redis.AuthenticationError:
-        raise
-    except (redis.ConnectionError, redis.TimeoutError, OperationalError) as exc:
-        raise QueueUnavailable(f"cannot {action}: Redis is unreachable ({exc})") from exc
-
-
 class Job:
     """A handle on one submitted job."""
 
@@ -110,7 +89,8 @@ class SegmentationClient:
             self.storage = storage
 
     @cached_property
-    def _celery(self) -> Celery:
+    def celery(self) -> Celery:
+        """The Celery app jobs are sent with; its ``control`` reaches the workers."""
         return Celery("segq-client", config_source=celery_config(self.settings), set_as_current=False)
 
     @cached_property
@@ -148,19 +128,20 @@ class SegmentationClient:
             payload, max_bytes=self.settings.max_payload_bytes, max_points=self.settings.max_points
         )
         body = request.model_dump(mode="json", exclude_none=True)
-        job_id = job_id or uuid.uuid4().hex
-        if not _JOB_ID.fullmatch(job_id):
-            raise InvalidPayload(f"job ids are 1-128 letters, digits, '-' or '_'; got {job_id!r}")
+        job_id = uuid.uuid4().hex if job_id is None else job_id
+        check_job_id(job_id)
+        if idempotency_key is not None:
+            check_idempotency_key(idempotency_key)
 
         with redis_reachable(f"submit a {name} job"):
-            if idempotency_key:
+            if idempotency_key is not None:
                 job_id, created = self._status.idempotent_create(idempotency_key, job_id, name, image)
                 if not created:
                     return Job(self, job_id, name, created=False)
             else:
                 self._status.create(job_id, name, image)
             try:
-                self._celery.send_task(
+                self.celery.send_task(
                     name, args=[body], task_id=job_id, queue=task_queues(self.settings)[name],
                     # Celery's default repr cuts nesting at depth 3, so Flower showed the
                     # prompt as [...]; the JSON is small (payload size is capped) and whole.
@@ -217,7 +198,7 @@ class SegmentationClient:
         """Cancel a queued job: it ends ``cancelled`` and never runs."""
         with redis_reachable(f"cancel job {job_id}"):
             st = self._status.cancel(job_id)
-            self._celery.control.revoke(job_id)
+            self.celery.control.revoke(job_id)
         return st
 
     # --- outputs -------------------------------------------------------------------

@@ -14,9 +14,9 @@ from typing import Optional
 
 from celery import Celery
 
-from api_client.client import redis_reachable
 from config.celeryconfig import celery_config
 from config.settings import Settings, get_settings
+from config.status import redis_reachable
 
 
 def ask_workers(

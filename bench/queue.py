@@ -1,7 +1,7 @@
 """End to end through Celery, Redis and S3 on loopback, against the same job in-process.
 
 A real ``segq worker`` subprocess (``api_client.cli``, as deployed), real Redis and S3
-servers (``api_client.localstack``) and the producer's ``SegmentationClient``. Every job
+servers (``api_client.dev.localstack``) and the producer's ``SegmentationClient``. Every job
 reads its own copy of the photo (another S3 key, so the embedding cache never hits) and
 uses the default options. Job time is the status record's ``finished_at - created_at``
 (submit to succeeded, both stamped on this machine); the pipeline time is the sum of the
@@ -27,7 +27,7 @@ import numpy as np
 
 from api_client.client import SegmentationClient
 from api_client.health import ask_workers
-from api_client.localstack import RedisServer, S3Server
+from api_client.dev.localstack import RedisServer, S3Server
 from bench.pipeline import STAGES
 from config.contract import JobState
 from config.settings import Settings

@@ -26,7 +26,7 @@ import onnxruntime as ort
 
 from config.settings import Settings
 from worker.inference.sam2 import ENCODER_INPUT
-from worker.inference.sessions import get_session, input_shape, provider
+from worker.inference.sessions import create_session, input_shape, provider
 
 SAM2_SIDE = 1024
 DETR_SIZE = (800, 1066)
@@ -85,7 +85,7 @@ def bench_raw(
 
     def load(path: Path) -> ort.InferenceSession:
         start = time.perf_counter()
-        session = get_session(path, settings)
+        session = create_session(path, settings)
         created_s.setdefault(path, time.perf_counter() - start)
         return session
 

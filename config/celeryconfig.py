@@ -21,8 +21,8 @@ def task_queues(settings: Settings) -> dict[str, str]:
     """Interactive clicks (``segment``, ``cutout``) apart from batch work, so a long
     panoptic backlog never delays a click."""
     return {
-        TASK_SEGMENT: settings.queue_segment,
-        TASK_CUTOUT: settings.queue_segment,
+        TASK_SEGMENT: settings.queue_interactive,
+        TASK_CUTOUT: settings.queue_interactive,
         TASK_PANOPTIC: settings.queue_batch,
         TASK_OVERLAY: settings.queue_batch,
     }

@@ -10,6 +10,7 @@ with a message that names the field, not a crash deep inside the worker.
 from __future__ import annotations
 
 import json
+import re
 import time
 from enum import Enum
 from typing import Annotated, Any, Literal, Optional, Union
@@ -21,6 +22,7 @@ from config.errors import (
     InvalidPrompt,
     PayloadTooLarge,
     PromptOutOfBounds,
+    SegqError,
     UnknownOption,
     UnknownTask,
 )
@@ -39,6 +41,28 @@ IDEMPOTENCY_KEY = "segq:idem:{key}"
 CANCELLED_SET = "segq:cancelled"
 
 
+# Job ids become Redis key suffixes and S3 key segments, idempotency keys Redis key
+# suffixes: both plain, printable and bounded.
+_JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
+_IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,256}")  # printable ASCII, no spaces
+
+
+def check_job_id(job_id: object) -> str:
+    """``job_id`` if it is 1-128 letters, digits, '-' or '_'; ``InvalidPayload`` otherwise."""
+    if not isinstance(job_id, str) or not _JOB_ID.fullmatch(job_id):
+        raise InvalidPayload(f"job ids are 1-128 letters, digits, '-' or '_'; got {job_id!r:.80}")
+    return job_id
+
+
+def check_idempotency_key(key: object) -> str:
+    """``key`` if it is 1-256 printable ASCII characters without spaces."""
+    if not isinstance(key, str) or not _IDEMPOTENCY_KEY.fullmatch(key):
+        raise InvalidPayload(
+            f"idempotency keys are 1-256 printable ASCII characters without spaces; got {key!r:.80}"
+        )
+    return key
+
+
 def task_name(name: str) -> str:
     """``"segment"`` or ``"segq.segment"`` -> ``"segq.segment"``; anything else is an error."""
     full = SHORT_NAMES.get(name, name)
@@ -51,11 +75,15 @@ def status_key(job_id: str) -> str:
     return STATUS_KEY.format(job_id=job_id)
 
 
+def folder(prefix: str) -> str:
+    """A key prefix as a folder: ``uploads`` covers ``uploads/x``, never ``uploads-evil/x``."""
+    return prefix if not prefix or prefix.endswith("/") else prefix + "/"
+
+
 def output_key(prefix: str, job_id: str, name: str) -> str:
     """Where a job's output ``name`` lives: one folder per job id, so a retried job
     overwrites its own outputs and nothing else."""
-    prefix = prefix if not prefix or prefix.endswith("/") else prefix + "/"
-    return f"{prefix}{job_id}/{name}"
+    return f"{folder(prefix)}{job_id}/{name}"
 
 
 # --- S3 references ---------------------------------------------------------------------
@@ -137,12 +165,9 @@ class Prompt(BaseModel):
     def is_empty(self) -> bool:
         return not self.all_points and self.box is None
 
-    def check_bounds(self, width: int, height: int, max_points: int = 64) -> None:
+    def check_bounds(self, width: int, height: int) -> None:
         """Reject prompts that fall outside a ``width`` x ``height`` image."""
-        pts = self.all_points
-        if len(pts) > max_points:
-            raise InvalidPrompt(f"{len(pts)} points is over the limit of {max_points}")
-        for x, y in pts:
+        for x, y in self.all_points:
             if not (0 <= x <= width and 0 <= y <= height):
                 raise PromptOutOfBounds(
                     f"point ({x:g}, {y:g}) is outside the {width}x{height} image",
@@ -269,16 +294,23 @@ def parse_options(task: str, options: dict[str, Any] | None) -> AnyOptions:
         raise InvalidPayload(f"bad options for {task}: {_describe(e)}") from None
 
 
-def parse_prompt(raw: Any) -> Optional[Prompt]:
-    if raw is None or isinstance(raw, Prompt):
-        return raw
-    try:
-        return Prompt.model_validate(raw)
-    except ValidationError as e:
-        raise InvalidPrompt(f"malformed prompt: {_describe(e)}") from None
+def parse_prompt(raw: Any, *, max_points: int) -> Optional[Prompt]:
+    """A ``Prompt`` from its JSON form (or as it is), with at most ``max_points`` points;
+    ``InvalidPrompt`` saying what is wrong otherwise. The one place the point limit is
+    checked, for queued jobs and in-process calls alike."""
+    if raw is None:
+        return None
+    if not isinstance(raw, Prompt):
+        try:
+            raw = Prompt.model_validate(raw)
+        except ValidationError as e:
+            raise InvalidPrompt(f"malformed prompt: {_describe(e)}") from None
+    if len(raw.all_points) > max_points:
+        raise InvalidPrompt(f"{len(raw.all_points)} points is over the limit of {max_points}")
+    return raw
 
 
-def parse_request(raw: Any, *, max_bytes: int = 64 << 10, max_points: int = 64) -> JobRequest:
+def parse_request(raw: Any, *, max_bytes: int, max_points: int) -> JobRequest:
     """Validate a message body (dict or JSON text) into a ``JobRequest``, or raise a
     ``SegqError`` whose code says what is wrong."""
     if isinstance(raw, (str, bytes)):
@@ -295,7 +327,7 @@ def parse_request(raw: Any, *, max_bytes: int = 64 << 10, max_points: int = 64) 
     if not isinstance(raw, dict):
         raise InvalidPayload(f"payload must be a JSON object, got {type(raw).__name__}")
     raw = dict(raw)
-    prompt = parse_prompt(raw.pop("prompt", None))
+    prompt = parse_prompt(raw.pop("prompt", None), max_points=max_points)
     try:
         req = JobRequest.model_validate({**raw, "prompt": prompt})
     except ValidationError as e:
@@ -308,9 +340,49 @@ def parse_request(raw: Any, *, max_bytes: int = 64 << 10, max_points: int = 64) 
         raise InvalidPayload(f"bad payload: {_describe(e)}") from None
     req.ref  # noqa: B018  validates the URI
     req.typed_options()
-    if req.prompt is not None and len(req.prompt.all_points) > max_points:
-        raise InvalidPrompt(f"{len(req.prompt.all_points)} points is over the limit of {max_points}")
     return req
+
+
+# --- upload-event rules ------------------------------------------------------------------
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".avif")
+
+
+class EventRule(BaseModel):
+    """New objects in ``bucket`` under ``prefix`` with one of ``suffixes`` (compared
+    case-insensitively) become ``task`` jobs with this prompt and these options
+    (``SEGQ_EVENT_RULES``, a JSON list of these)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    bucket: str = Field(min_length=1)
+    prefix: str = ""
+    suffixes: list[str] = Field(default_factory=lambda: list(IMAGE_SUFFIXES))
+    task: str
+    prompt: Optional[dict[str, Any]] = None
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _a_valid_job(self) -> "EventRule":
+        # The job contract is the judge: a rule that could only make invalid jobs is
+        # refused when the settings load, not once per upload.
+        try:
+            sample = parse_request(
+                {"task": self.task, "image": f"s3://{self.bucket}/{self.prefix}example.jpg",
+                 "prompt": self.prompt, "options": self.options},
+                max_bytes=1 << 20, max_points=1 << 10,
+            )  # fmt: skip
+        except SegqError as err:
+            raise ValueError(str(err)) from None
+        self.task = sample.task
+        self.suffixes = [s.lower() for s in self.suffixes]
+        return self
+
+    def matches_location(self, bucket: str, key: str) -> bool:
+        return bucket == self.bucket and key.startswith(self.prefix)
+
+    def matches_suffix(self, key: str) -> bool:
+        return key.lower().endswith(tuple(self.suffixes))
 
 
 # --- status ----------------------------------------------------------------------------

@@ -210,16 +210,3 @@ class JobTimeout(SegqError):
 
 class WorkerLost(SegqError):
     code = "worker_lost"
-
-
-def _all_subclasses(cls: type) -> list[type]:
-    out = []
-    for sub in cls.__subclasses__():
-        out.append(sub)
-        out.extend(_all_subclasses(sub))
-    return out
-
-
-ERRORS_BY_CODE: dict[str, type[SegqError]] = {
-    c.code: c for c in [SegqError, *_all_subclasses(SegqError)] if c is not JobFailed
-}

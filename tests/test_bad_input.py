@@ -278,7 +278,7 @@ def stack(
 def worker_pid(stack: Stack) -> int:
     """The pid the worker itself reports over the broker (so it is the process that answers)."""
     hostname = stack.workers[0].hostname
-    stats = stack.client._celery.control.inspect(destination=[hostname], timeout=5).stats() or {}
+    stats = stack.client.celery.control.inspect(destination=[hostname], timeout=5).stats() or {}
     return stats[hostname]["pid"]
 
 
@@ -289,14 +289,14 @@ def job_body(task: str, image: str, prompt: Any, options: dict[str, Any]) -> dic
 def send_raw(stack: Stack, name: str, *, args: Any = None, kwargs: Any = None) -> str:
     """A Celery message for task ``name`` that bypasses the client's checks."""
     job_id = uuid.uuid4().hex
-    queue = task_queues(stack.settings).get(name, stack.settings.queue_segment)
-    stack.client._celery.send_task(name, args=args, kwargs=kwargs, task_id=job_id, queue=queue)
+    queue = task_queues(stack.settings).get(name, stack.settings.queue_interactive)
+    stack.client.celery.send_task(name, args=args, kwargs=kwargs, task_id=job_id, queue=queue)
     return job_id
 
 
 def publish_body(stack: Stack, body: bytes, content_type: str, task: str = "segq.segment") -> str:
     """A message with Celery's headers for ``task`` and a hand-made ``body``."""
-    app = stack.client._celery
+    app = stack.client.celery
     job_id = uuid.uuid4().hex
     message = app.amqp.as_task_v2(job_id, task, args=[], kwargs={})
     queue = app.amqp.queues[task_queues(stack.settings)[task]]

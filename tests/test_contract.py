@@ -27,6 +27,7 @@ from config.errors import (
 )
 
 BASE = {"task": "segment", "image": "s3://segq-input/a/b.jpg"}
+LIMITS = dict(max_bytes=64 << 10, max_points=64)
 
 
 @pytest.mark.parametrize(
@@ -41,7 +42,7 @@ BASE = {"task": "segment", "image": "s3://segq-input/a/b.jpg"}
     ],
 )
 def test_prompt_forms(raw, points, labels, box):
-    prompt = parse_prompt(raw)
+    prompt = parse_prompt(raw, max_points=64)
     if raw is None:
         assert prompt is None
         return
@@ -67,7 +68,7 @@ def test_prompt_forms(raw, points, labels, box):
 )
 def test_malformed_prompts_name_the_problem(raw, fragment):
     with pytest.raises(InvalidPrompt) as info:
-        parse_prompt(raw)
+        parse_prompt(raw, max_points=64)
     assert fragment in info.value.message
 
 
@@ -82,7 +83,9 @@ def test_bounds_are_in_displayed_pixels():
 
 
 def test_requests_and_their_codes():
-    req = parse_request({**BASE, "prompt": {"point": [1, 2]}, "options": {"multimask": True}})
+    req = parse_request(
+        {**BASE, "prompt": {"point": [1, 2]}, "options": {"multimask": True}}, **LIMITS
+    )
     assert req.task == "segq.segment" and req.ref == S3Ref(bucket="segq-input", key="a/b.jpg")
     assert req.typed_options().multimask is True
     cases = [
@@ -100,7 +103,7 @@ def test_requests_and_their_codes():
     ]
     for raw, error in cases:
         with pytest.raises(error):
-            parse_request(raw)
+            parse_request(raw, **LIMITS)
 
 
 def test_names_keys_and_states():

@@ -26,7 +26,7 @@ import yaml
 from docker.utils.build import exclude_paths
 from dockerfile_parse import DockerfileParser
 
-from api_client.localstack import find_tool
+from api_client.dev.localstack import find_tool
 from config.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -104,7 +104,7 @@ def test_redis_password_is_optional_and_the_same_for_server_clients_and_healthch
 
 def test_flower_cannot_start_without_basic_auth():
     flower = services()["flower"]
-    assert flower["command"][:4] == ["celery", "-A", "worker.app:app", "flower"]
+    assert flower["command"][:4] == ["celery", "-A", "worker.celery:app", "flower"]
     assert re.fullmatch(r"\$\{FLOWER_BASIC_AUTH:\?[^}]+\}", flower["environment"]["FLOWER_BASIC_AUTH"])
     env = {k: v for k, v in PLACEHOLDER_ENV.items() if k != "FLOWER_BASIC_AUTH"}
     with pytest.raises(KeyError, match="FLOWER_BASIC_AUTH"):

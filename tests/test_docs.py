@@ -34,7 +34,7 @@ from typing import Iterator, Optional
 import pytest
 
 from api_client.dev import sample_image
-from api_client.localstack import RedisServer
+from api_client.dev.localstack import RedisServer
 from tests.support.hub import FakeHub, public_repos, serving
 from tests.support.stack import Stack, make_stack
 
@@ -190,10 +190,11 @@ def test_block_runs(block: Block, workspace) -> None:
 
 
 @pytest.mark.long
+@pytest.mark.timeout(2400)
 @pytest.mark.parametrize("block", LONG, ids=lambda b: b.id)
 def test_long_block_runs(block: Block, workspace) -> None:
     folder, env = workspace
-    run_block(block, folder, env, timeout=1800)
+    run_block(block, folder, env, timeout=2300)
 
 
 def test_quickstart_make_demo(sam2_repo, detr_repo, tmp_path) -> None:

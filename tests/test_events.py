@@ -23,9 +23,10 @@ import redis
 
 from api_client import events
 from api_client.client import SegmentationClient
-from api_client.event_server import EventServer
-from api_client.events import EventRule, SqsPoller, handle_event, lambda_handler, load_rules
-from config.contract import JobState
+from api_client.events import handle_event, lambda_handler
+from api_client.events.server import EventServer
+from api_client.events.sqs import SqsPoller
+from config.contract import EventRule, JobState
 from config.errors import InvalidConfig, InvalidPayload
 from config.settings import Settings, get_settings
 
@@ -135,14 +136,14 @@ def client(settings: Settings) -> SegmentationClient:
 
 @pytest.fixture
 def rules() -> list[EventRule]:
-    return load_rules(RULES)
+    return Settings(event_rules=RULES).event_rules
 
 
 def enqueued(settings: Settings) -> dict[str, dict[str, Any]]:
     """Celery messages on the broker's queue lists, by job id: the job payloads."""
     r = redis.Redis.from_url(settings.redis_url)
     found = {}
-    for queue in (settings.queue_segment, settings.queue_batch):
+    for queue in (settings.queue_interactive, settings.queue_batch):
         for raw in r.lrange(queue, 0, -1):
             message = json.loads(raw)
             args, _kwargs, _embed = json.loads(base64.b64decode(message["body"]))
@@ -159,7 +160,7 @@ def submitted(outcomes: list[events.EventOutcome]) -> list[events.EventOutcome]:
 
 def test_rules_load_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SEGQ_EVENT_RULES", json.dumps(RULES[:2]))
-    rules = load_rules(Settings().event_rules)
+    rules = Settings().event_rules
     assert [r.task for r in rules] == ["segq.panoptic", "segq.cutout"]
     assert rules[0].suffixes == [".jpg", ".jpeg", ".png", ".webp", ".avif"]
 
@@ -175,9 +176,16 @@ def test_rules_load_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> Non
         ({"bucket": BUCKET}, "task"),
     ],
 )
-def test_bad_rules_are_refused_at_load_naming_the_rule(rule: dict[str, Any], problem: str) -> None:
-    with pytest.raises(InvalidConfig, match=rf"SEGQ_EVENT_RULES\[1\].*{problem}") as err:
-        load_rules([RULES[0], rule])
+def test_bad_rules_are_refused_at_load_naming_the_rule(
+    rule: dict[str, Any], problem: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SEGQ_EVENT_RULES", json.dumps([RULES[0], rule]))
+    get_settings.cache_clear()
+    try:
+        with pytest.raises(InvalidConfig, match=rf"SEGQ_EVENT_RULES\[1\].*{problem}") as err:
+            get_settings()
+    finally:
+        get_settings.cache_clear()
     assert err.value.code == "invalid_config"
 
 
@@ -201,7 +209,7 @@ def test_an_upload_becomes_one_queued_job_per_matching_rule(
     panoptic, cutout = (messages[o.job_id] for o in outcomes)
     assert panoptic["task"] == "segq.panoptic" and panoptic["queue"] == settings.queue_batch
     assert panoptic["options"]["min_score"] == 0.6
-    assert cutout["task"] == "segq.cutout" and cutout["queue"] == settings.queue_segment
+    assert cutout["task"] == "segq.cutout" and cutout["queue"] == settings.queue_interactive
     assert cutout["prompt"] == {"point": [10.0, 20.0]}
 
 

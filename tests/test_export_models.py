@@ -23,7 +23,7 @@ import pytest
 from PIL import Image
 
 from config.settings import Settings
-from worker.inference import load_detr, load_sam2
+from worker.inference.registry import ModelRegistry
 from worker.inference.labels import COCO_PANOPTIC
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -182,10 +182,10 @@ def test_worker_runs_the_exported_files(tiny_models):
     )
     rng = np.random.default_rng(1)
     image = Image.fromarray(rng.integers(0, 256, (90, 120, 3), dtype=np.uint8), "RGB")
-    sam2 = load_sam2(settings)
+    sam2 = ModelRegistry(settings).sam2()
     (best,) = sam2.predict(sam2.encode(image), None)
     assert best.mask.shape == (90, 120) and best.mask.dtype == bool
-    result = load_detr(settings).predict(image)
+    result = ModelRegistry(settings).detr().predict(image)
     assert result.segmentation.shape == (90, 120)
     assert {s.label for s in result.segments} <= set(COCO_PANOPTIC.values())
 

@@ -32,7 +32,7 @@ from config.errors import InvalidTransition, JobFailed, QueueUnavailable
 from tests.support.images import encode, noise_rgb
 from tests.support.services import INPUT_BUCKET
 from tests.support.stack import Stack, make_stack
-from tests.support.worker import WorkerProcess
+from api_client.dev.processes import WorkerProcess
 from worker.pipelines import Pipelines
 
 VISIBILITY_S = 8
@@ -194,7 +194,7 @@ def test_redis_crash_and_restart_loses_no_queued_job_or_status(stack: Stack, wor
     themselves, the jobs queued before the crash run, and every status is still there."""
     (worker,) = workers.start()
     client = stack.client  # one client across the restart: it must reconnect by itself
-    control = client._celery.control  # noqa: SLF001
+    control = client.celery.control
     uri = stack.upload(IMAGE, "redis.png")
     done = client.cutout(uri, PROMPT).wait(timeout=20)
     batch = stack.settings.queue_batch
@@ -232,7 +232,7 @@ def test_redis_crash_and_restart_loses_no_queued_job_or_status(stack: Stack, wor
 def control_reply(stack: Stack, command: str, queue: str, hostname: str) -> list:
     """A control command with its reply over a connection of its own (see ``kombu.pools``
     above)."""
-    app = stack.client._celery  # noqa: SLF001
+    app = stack.client.celery
     with app.connection_for_write() as connection:
         send = getattr(app.control, command)
         return send(queue, destination=[hostname], reply=True, timeout=1, connection=connection)
@@ -332,7 +332,7 @@ def test_sigterm_finishes_the_running_job_and_leaves_queued_jobs_for_the_next_wo
     assert st.state is JobState.succeeded and st.attempts == 1 and st.worker == first.hostname
     assert [job.status().attempts for job in behind] == [0, 0, 0]
     broker = redis.Redis.from_url(stack.settings.broker)
-    assert broker.hlen("unacked") == 0 and broker.llen(stack.settings.queue_segment) == len(behind)
+    assert broker.hlen("unacked") == 0 and broker.llen(stack.settings.queue_interactive) == len(behind)
 
     (second,) = workers.start()
     for job in behind:
@@ -364,7 +364,7 @@ def test_cancel_racing_the_worker_exactly_one_wins(stack: Stack, workers: Worker
         if not cancelled:
             assert client.wait(job_id, timeout=20).attempts == 1
     broker = redis.Redis.from_url(stack.settings.broker)
-    wait_for(lambda: not broker.llen(stack.settings.queue_segment) and not broker.hlen("unacked"), 20,
+    wait_for(lambda: not broker.llen(stack.settings.queue_interactive) and not broker.hlen("unacked"), 20,
              "the worker to have received and settled every message")  # fmt: skip
     for job_id, cancelled in won.items():
         if cancelled:

@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 
 from config.errors import ModelNotAllowed, ModelNotFound, ModelUnavailable
-from config.settings import DEFAULT_DETR_REPO, DEFAULT_SAM2_REPO, Settings
-from worker.inference import download_models, load_detr, load_sam2
-from tests.support.hub import COMMIT, FakeHub, hub  # noqa: F401  (hub is a fixture)
+from config.settings import DEFAULT_SAM2_REPO, Settings
+from worker.inference.hub import download_models
+from worker.inference.registry import ModelRegistry
+from tests.support.hub import COMMIT, FakeHub
 from worker.inference.hub import sam2_files
 
 
@@ -91,7 +92,7 @@ def test_disallowed_repo_is_refused_before_any_request(
     hub: FakeHub, hub_settings: Settings
 ) -> None:
     with pytest.raises(ModelNotAllowed, match="someone/else"):
-        load_sam2(hub_settings, repo="someone/else")
+        ModelRegistry(hub_settings).sam2(repo="someone/else")
     assert hub.requests == []
 
 
@@ -121,7 +122,7 @@ def test_download_models_fills_the_cache_for_offline_workers(
     )
     seen = len(hub.requests)
     offline = hub_settings.model_copy(update={"offline": True})
-    assert load_sam2(offline).provider == "CPUExecutionProvider"
-    assert load_detr(offline).id2label[3] == "car"
+    assert ModelRegistry(offline).sam2().provider == "CPUExecutionProvider"
+    assert ModelRegistry(offline).detr().id2label[3] == "car"
     assert len(hub.requests) == seen
     assert download_models(hub_settings, segment=False, progress=False).keys() == {"detr"}

@@ -15,8 +15,9 @@ from PIL import Image
 
 from config.contract import Prompt
 from config.settings import Settings
-from worker.inference import EmbeddingCache, Sam2Model
-from worker.inference.sessions import get_session
+from worker.inference.cache import EmbeddingCache
+from worker.inference.sam2 import Sam2Model
+from worker.inference.sessions import create_session
 
 
 @dataclass
@@ -103,8 +104,8 @@ class CountingSession:
 
 def test_second_prompt_on_a_cached_image_runs_only_the_decoder(sam2_repo: Path) -> None:
     settings = Settings(providers=["CPUExecutionProvider"])
-    encoder = CountingSession(get_session(sam2_repo / "encoder.onnx", settings))
-    decoder = CountingSession(get_session(sam2_repo / "decoder.onnx", settings))
+    encoder = CountingSession(create_session(sam2_repo / "encoder.onnx", settings))
+    decoder = CountingSession(create_session(sam2_repo / "decoder.onnx", settings))
     model = Sam2Model(encoder, decoder, name="counting")
     cache: EmbeddingCache = EmbeddingCache(max_bytes=64 << 20)
     loads = []
@@ -129,8 +130,8 @@ def test_second_prompt_on_a_cached_image_runs_only_the_decoder(sam2_repo: Path) 
 
 def test_cache_is_bounded_by_embedding_bytes(sam2_repo: Path) -> None:
     settings = Settings(providers=["CPUExecutionProvider"])
-    encoder = CountingSession(get_session(sam2_repo / "encoder.onnx", settings))
-    model = Sam2Model(encoder, get_session(sam2_repo / "decoder.onnx", settings))
+    encoder = CountingSession(create_session(sam2_repo / "encoder.onnx", settings))
+    model = Sam2Model(encoder, create_session(sam2_repo / "decoder.onnx", settings))
     image = Image.new("RGB", (64, 48))
     size = model.encode(image).nbytes
     assert size == 4 * (32 * 256 * 256 + 64 * 128 * 128 + 256 * 64 * 64)

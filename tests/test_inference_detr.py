@@ -13,7 +13,8 @@ from PIL import Image
 from config.errors import ModelIncompatible
 from config.settings import Settings
 from tests.support.onnx_models import CAR, DETR_QUERIES, PERSON, SKY, DetrQuery, rename_io
-from worker.inference import DetrPanopticModel, PanopticResult, load_detr
+from worker.inference.detr import DetrPanopticModel, PanopticResult
+from worker.inference.registry import ModelRegistry
 from worker.inference.detr import model_input_size, postprocess
 from worker.inference.labels import COCO_PANOPTIC, COCO_STUFF, COCO_THINGS, load_labels
 
@@ -31,7 +32,7 @@ STUFF_IDS = [
 
 @pytest.fixture(scope="module")
 def model(detr_repo: Path) -> DetrPanopticModel:
-    return load_detr(Settings(detr_dir=detr_repo, providers=["CPUExecutionProvider"]))
+    return ModelRegistry(Settings(detr_dir=detr_repo, providers=["CPUExecutionProvider"])).detr()
 
 
 def rect_mask(rect: tuple[float, float, float, float], width: int, height: int) -> np.ndarray:
@@ -166,7 +167,7 @@ def test_renamed_output_is_incompatible(detr_repo: Path, tmp_path: Path) -> None
     shutil.copytree(detr_repo, tmp_path / "detr")
     rename_io(tmp_path / "detr" / "onnx" / "model.onnx", "pred_masks", "masks")
     with pytest.raises(ModelIncompatible, match="pred_masks"):
-        load_detr(Settings(detr_dir=tmp_path / "detr", providers=["CPUExecutionProvider"]))
+        ModelRegistry(Settings(detr_dir=tmp_path / "detr", providers=["CPUExecutionProvider"])).detr()
 
 
 def test_coco_table() -> None:
@@ -200,7 +201,7 @@ def test_no_config_json_means_coco_labels(tmp_path: Path) -> None:
 
     repo = build_detr_repo(tmp_path / "detr", queries=(DetrQuery(SKY, 9.0, (0.0, 0.0, 1.0, 0.5)),))
     (repo / "config.json").unlink()
-    result: PanopticResult = load_detr(
+    result: PanopticResult = ModelRegistry(
         Settings(detr_dir=repo, providers=["CPUExecutionProvider"])
-    ).predict(Image.new("RGB", (100, 80)))
+    ).detr().predict(Image.new("RGB", (100, 80)))
     assert [s.label for s in result.segments] == ["sky-other-merged"]

@@ -1,4 +1,4 @@
-"""Sessions shared per process, providers, and the load_sam2 / load_detr factories."""
+"""Sessions, providers, and the model registry a runtime loads its models through."""
 
 from __future__ import annotations
 
@@ -14,21 +14,20 @@ from PIL import Image
 from config.contract import Prompt
 from config.errors import ModelIncompatible, ModelNotAllowed, ModelNotFound, ModelUnavailable
 from config.settings import Settings
-from worker.inference import load_detr, load_sam2, preload
-from worker.inference.sessions import get_session, provider, require_io, usable_providers
+from worker.inference.registry import ModelRegistry
+from worker.inference.sessions import create_session, provider, require_io, usable_providers
 
 CPU = ["CPUExecutionProvider"]
 
 
-def test_one_session_per_file_providers_and_threads(sam2_repo: Path) -> None:
+def test_a_registry_keeps_one_session_per_file_with_its_settings_threads(sam2_repo: Path) -> None:
     path = sam2_repo / "decoder.onnx"
-    a = get_session(path, Settings(providers=CPU, intra_op_threads=1))
-    assert (
-        get_session(sam2_repo / "." / "decoder.onnx", Settings(providers=CPU, intra_op_threads=1))
-        is a
-    )
-    b = get_session(path, Settings(providers=CPU, intra_op_threads=2))
-    assert b is not a
+    one = ModelRegistry(Settings(providers=CPU, intra_op_threads=1))
+    a = one.session(path)
+    assert one.session(sam2_repo / "." / "decoder.onnx") is a
+    b = ModelRegistry(Settings(providers=CPU, intra_op_threads=2)).session(path)
+    assert b is not a  # another registry, other settings: nothing shared
+    assert a.get_session_options().intra_op_num_threads == 1
     assert b.get_session_options().intra_op_num_threads == 2
 
 
@@ -39,7 +38,7 @@ def test_unavailable_providers_are_skipped_and_the_one_in_use_is_logged(
     wanted = ["NoSuchExecutionProvider", "CPUExecutionProvider"]
     assert usable_providers(wanted) == ["CPUExecutionProvider"]
     assert "NoSuchExecutionProvider" in caplog.text
-    session = get_session(
+    session = create_session(
         sam2_repo / "encoder.onnx", Settings(providers=wanted, inter_op_threads=1)
     )
     assert provider(session) == "CPUExecutionProvider"
@@ -47,7 +46,7 @@ def test_unavailable_providers_are_skipped_and_the_one_in_use_is_logged(
 
 
 def test_require_io_names_everything_missing(sam2_repo: Path) -> None:
-    session = get_session(sam2_repo / "encoder.onnx", Settings(providers=CPU))
+    session = create_session(sam2_repo / "encoder.onnx", Settings(providers=CPU))
     with pytest.raises(ModelIncompatible) as err:
         require_io(
             session, inputs=["image", "pixels"], outputs=["image_embed", "feats"], model_name="enc"
@@ -61,7 +60,7 @@ def test_unreadable_model_file_is_incompatible(tmp_path: Path) -> None:
     (tmp_path / "encoder.onnx").write_bytes(b"not a model")
     (tmp_path / "decoder.onnx").write_bytes(b"not a model")
     with pytest.raises(ModelIncompatible, match="cannot load"):
-        load_sam2(Settings(sam2_dir=tmp_path, providers=CPU))
+        ModelRegistry(Settings(sam2_dir=tmp_path, providers=CPU)).sam2()
 
 
 def test_a_model_newer_than_onnxruntime_names_both_versions_and_the_upgrade(tmp_path: Path) -> None:
@@ -79,7 +78,7 @@ def test_a_model_newer_than_onnxruntime_names_both_versions_and_the_upgrade(tmp_
     path = tmp_path / "future.onnx"
     onnx.save(model, str(path))
     with pytest.raises(ModelIncompatible) as err:
-        get_session(path, Settings(providers=CPU))
+        create_session(path, Settings(providers=CPU))
     message = err.value.message
     assert "IR version 10" in message and "ai.onnx 99" in message
     assert f"onnxruntime {onnxruntime.__version__}" in message
@@ -91,37 +90,61 @@ def test_a_model_newer_than_onnxruntime_names_both_versions_and_the_upgrade(tmp_
 def test_models_are_loaded_once_and_overrides_reuse_them(sam2_repo: Path, tmp_path: Path) -> None:
     repo = shutil.copytree(sam2_repo, tmp_path / "sam2")
     settings = Settings(sam2_dir=repo, providers=CPU)
-    model = load_sam2(settings)
-    assert load_sam2(settings) is model
-    assert load_sam2(Settings(sam2_dir=repo, providers=CPU)) is model  # equal settings
+    models = ModelRegistry(settings)
+    model = models.sam2()
+    assert models.sam2() is model
     shutil.copy(repo / "decoder.onnx", repo / "decoder-copy.onnx")
-    other = load_sam2(settings, decoder_file="decoder-copy.onnx")
+    other = models.sam2(decoder_file="decoder-copy.onnx")
     assert other is not model and other.encoder is model.encoder  # the session is shared
-    assert load_sam2(settings, decoder_file="decoder-copy.onnx") is other
-    assert preload(Settings(sam2_dir=repo, providers=CPU, load_models=["sam2"])) == {
-        "sam2": "CPUExecutionProvider"
-    }
+    assert models.sam2(decoder_file="decoder-copy.onnx") is other
+    assert ModelRegistry(settings).sam2() is not model  # registries never share by themselves
+    loaded = ModelRegistry(Settings(sam2_dir=repo, providers=CPU)).load(["sam2"])
+    assert loaded["sam2"].provider == "CPUExecutionProvider"
+
+
+def test_runtimes_share_a_registry_only_with_equal_model_settings(sam2_repo: Path) -> None:
+    from worker.runtime import Runtime
+
+    settings = Settings(sam2_dir=sam2_repo, providers=CPU)
+    models = ModelRegistry(settings)
+    same = Runtime(settings.model_copy(update={"status_ttl_s": 60}), models=models)
+    assert same.models is models  # other settings, same models: sharing is fine
+    with pytest.raises(ValueError, match="equal model settings"):
+        Runtime(settings.model_copy(update={"intra_op_threads": 1}), models=models)
+
+
+def test_every_setting_the_model_layer_reads_is_tagged_as_a_model_setting() -> None:
+    """A setting that changes a loaded model but is not tagged would let a registry shared
+    between runtimes serve a model built under other settings."""
+    import re
+
+    source = "".join(
+        p.read_text() for p in (Path(__file__).parents[1] / "worker" / "inference").glob("*.py")
+    )
+    read = set(re.findall(r"settings\.(\w+)", source)) - {"model_settings"}
+    tagged = set(Settings().model_settings())
+    assert read <= tagged, read - tagged
 
 
 def test_bad_file_overrides(sam2_repo: Path, detr_repo: Path) -> None:
     settings = Settings(sam2_dir=sam2_repo, detr_dir=detr_repo, providers=CPU, offline=True)
+    models = ModelRegistry(settings)
     with pytest.raises(ModelNotFound, match="nope.onnx"):
-        load_sam2(settings, encoder_file="nope.onnx")
+        models.sam2(encoder_file="nope.onnx")
     with pytest.raises(ModelNotAllowed):
-        load_sam2(settings, encoder_file="../detr_repo0/onnx/model.onnx")
+        models.sam2(encoder_file="../detr_repo0/onnx/model.onnx")
     with pytest.raises(ModelNotAllowed):
-        load_detr(settings, model_file="/etc/passwd")
+        models.detr(model_file="/etc/passwd")
     with pytest.raises(ModelNotAllowed):
-        load_detr(settings, repo="someone/else")
+        models.detr(repo="someone/else")
     # a revision names a hub version; offline and uncached, that is unavailable, with the fix
+    uncached = ModelRegistry(settings.model_copy(update={"hf_cache_dir": sam2_repo / "no-cache"}))
     with pytest.raises(ModelUnavailable, match="SEGQ_SAM2_DIR"):
-        load_sam2(
-            settings.model_copy(update={"hf_cache_dir": sam2_repo / "no-cache"}), revision="v2"
-        )
+        uncached.sam2(revision="v2")
 
 
 def test_threads_share_one_model(sam2_repo: Path) -> None:
-    model = load_sam2(Settings(sam2_dir=sam2_repo, providers=CPU))
+    model = ModelRegistry(Settings(sam2_dir=sam2_repo, providers=CPU)).sam2()
     embedding = model.encode(Image.new("RGB", (320, 200), (1, 2, 3)))
     points = [(float(x), float(y)) for x, y in zip(range(40, 300, 20), range(20, 200, 14))]
     expected = [model.predict(embedding, Prompt(point=p))[0].mask for p in points]
@@ -132,11 +155,8 @@ def test_threads_share_one_model(sam2_repo: Path) -> None:
 
 def test_embeddings_stay_on_the_encoders_device(sam2_repo) -> None:
     import onnxruntime as ort
-    from PIL import Image
 
-    from worker.inference import load_sam2
-
-    model = load_sam2(Settings(sam2_dir=sam2_repo, providers=["CPUExecutionProvider"]))
+    model = ModelRegistry(Settings(sam2_dir=sam2_repo, providers=["CPUExecutionProvider"])).sam2()
     embedding = model.encode(Image.new("RGB", (64, 48), (10, 20, 30)))
     assert model.device == "cpu" and embedding.device == "cpu"  # "cuda" with the CUDA provider
     assert all(isinstance(v, ort.OrtValue) for v in embedding.features.values())
@@ -163,6 +183,6 @@ def test_float16_copy_keeps_float32_io_and_halves_the_weights(tmp_path, detr_rep
 
 def test_fp16_without_cuda_runs_float32(sam2_repo, caplog) -> None:
     with caplog.at_level("WARNING"):
-        session = get_session(sam2_repo / "decoder.onnx", Settings(fp16=True, providers=["CPUExecutionProvider"]))
+        session = create_session(sam2_repo / "decoder.onnx", Settings(fp16=True, providers=["CPUExecutionProvider"]))
     assert "needs the CUDA provider" in caplog.text
     assert session.get_inputs()[0].type == "tensor(float)"

@@ -22,7 +22,7 @@ import pytest
 import redis
 from PIL import Image
 
-from api_client.localstack import RedisServer
+from api_client.dev.localstack import RedisServer
 from config.contract import status_key
 from tests.support.images import encode, noise_rgb
 from tests.support.stack import Stack, make_stack

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from api_client.localstack import RedisServer, S3Server, find_tool, free_ports
+from api_client.dev.localstack import RedisServer, S3Server, find_tool, free_ports
 from config.errors import LocalServiceError
 
 

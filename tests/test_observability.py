@@ -19,12 +19,12 @@ import pytest
 from kombu import Connection
 from prometheus_client.parser import text_string_to_metric_families
 
-from api_client.localstack import RedisServer, free_ports
+from api_client.dev.localstack import RedisServer, free_ports
 from config.contract import TASK_SEGMENT, JobState
 from config.errors import JobFailed
 from tests.support.images import sample_jpeg
 from tests.support.stack import Stack, make_stack
-from tests.support.worker import REPO
+from tests.support.stack import REPO
 
 T = TypeVar("T")
 REDIS_PASSWORD = "redis-pw-7f3a91c2"
@@ -136,7 +136,7 @@ def flower(obs: Stack) -> Iterator[str]:
     """A real Flower on a free loopback port, talking to the stack's broker; its URL."""
     port = free_ports(1)[0]
     proc = _Process(
-        [sys.executable, "-m", "celery", "-A", "worker.app:app", "flower", f"--port={port}",
+        [sys.executable, "-m", "celery", "-A", "worker.celery:app", "flower", f"--port={port}",
          "--address=127.0.0.1", f"--basic-auth={':'.join(FLOWER_AUTH)}"],
         obs.env(), obs.log_dir / "flower.log",
     )
@@ -166,7 +166,7 @@ def test_flower_shows_the_worker_and_the_finished_task_without_secrets(obs, flow
     )
     assert TASK_SEGMENT in workers[worker]["registered"]
     assert {q["name"] for q in workers[worker]["active_queues"]} == {
-        obs.settings.queue_segment, obs.settings.queue_batch}
+        obs.settings.queue_interactive, obs.settings.queue_batch}
 
     job = obs.client.segment(photo_uri, {"point": [321, 123]})
     assert job.wait(timeout=60).state is JobState.succeeded
@@ -250,9 +250,9 @@ def exporter(obs: Stack, tmp_path_factory) -> Iterator[int]:
 
 
 def test_queue_gauges_show_waiting_and_in_flight_jobs(obs, metrics_port, exporter, photo_uri):
-    queue, other = obs.settings.queue_segment, obs.settings.queue_batch
+    queue, other = obs.settings.queue_interactive, obs.settings.queue_batch
     worker = obs.workers[0].hostname
-    control = obs.client._celery.control
+    control = obs.client.celery.control
     control.cancel_consumer(queue, destination=[worker], reply=True, timeout=5)
     try:
         jobs = [obs.client.segment(photo_uri, {"point": [10 * i + 5, 20]}) for i in range(3)]

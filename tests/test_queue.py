@@ -68,7 +68,7 @@ def test_all_four_job_types_succeed_and_match_the_in_process_pipeline(stack, nam
 def test_status_moves_queued_running_succeeded(stack):
     """With the worker's consumer paused the job is visibly queued; resumed, it runs."""
     uri = stack.upload(PHOTOS["tall.png"], "tall.png")
-    with stack.paused(stack.settings.queue_segment):
+    with stack.paused(stack.settings.queue_interactive):
         job = stack.client.segment(uri, {"box": [10, 10, 100, 200]})
         assert job.status().state is JobState.queued
     seen: list[str] = []

@@ -22,7 +22,9 @@ from PIL import Image
 
 from config.contract import Prompt
 from config.settings import Settings
-from worker.inference import DetrPanopticModel, Sam2Embedding, Sam2Model, load_detr, load_sam2
+from worker.inference.detr import DetrPanopticModel
+from worker.inference.registry import ModelRegistry
+from worker.inference.sam2 import Sam2Embedding, Sam2Model
 from worker.inference.detr import postprocess
 
 REF = Path(os.environ.get("SEGQ_REFERENCE_DIR", "/nonexistent"))
@@ -63,7 +65,7 @@ def image() -> Image.Image:
 
 @pytest.fixture(scope="module")
 def sam2(ref_settings: Settings) -> Sam2Model:
-    return load_sam2(ref_settings)
+    return ModelRegistry(ref_settings).sam2()
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +121,7 @@ def test_sam2_masks_match_the_oracle(sam2: Sam2Model, sam2_embedding: Sam2Embedd
 
 @pytest.fixture(scope="module")
 def detr(ref_settings: Settings) -> DetrPanopticModel:
-    return load_detr(ref_settings)
+    return ModelRegistry(ref_settings).detr()
 
 
 def test_detr_panoptic_matches_the_oracle(detr: DetrPanopticModel, image: Image.Image) -> None:

@@ -25,13 +25,14 @@ import redis
 from PIL import Image
 
 from api_client.client import SegmentationClient
-from api_client.localstack import LOOPBACK, RedisServer, free_ports
+from api_client.dev.localstack import LOOPBACK, RedisServer, free_ports
 from config.celeryconfig import task_queues
 from config.contract import TASK_SEGMENT, JobState, JobStatus
 from config.errors import JobFailed, JobNotFound, SegqError
 from tests.support.images import encode, noise_rgb
 from tests.support.stack import Stack, make_stack
-from tests.support.worker import REPO, WorkerProcess, settings_env
+from api_client.dev.processes import WorkerProcess
+from tests.support.stack import REPO
 
 ALLOWED = "tenant-a"
 PNG = encode(Image.fromarray(noise_rgb(64, 48, seed=11)), "PNG")
@@ -83,7 +84,7 @@ def final_status(client: SegmentationClient, job_id: str, timeout: float = TIMEO
 def send_raw(stack: Stack, body: dict[str, Any]) -> str:
     job_id = uuid.uuid4().hex
     queue = task_queues(stack.settings)[TASK_SEGMENT]
-    stack.client._celery.send_task(TASK_SEGMENT, args=[body], task_id=job_id, queue=queue)
+    stack.client.celery.send_task(TASK_SEGMENT, args=[body], task_id=job_id, queue=queue)
     return job_id
 
 
@@ -115,7 +116,7 @@ def test_pickled_message_is_refused_logged_and_never_unpickled(
     pickle.loads(pickle.dumps(_CreatesFile(proof))).close()
     assert proof.exists(), "the payload must be live for this test to mean anything"
 
-    app = stack.client._celery
+    app = stack.client.celery
     job_id = uuid.uuid4().hex
     message = app.amqp.as_task_v2(job_id, TASK_SEGMENT, args=[], kwargs={})
     queue = app.amqp.queues[task_queues(stack.settings)[TASK_SEGMENT]]
@@ -171,15 +172,15 @@ def test_a_job_id_cannot_steer_outputs_out_of_the_output_prefix(stack: Stack, jo
     with pytest.raises(SegqError) as refused:  # the client refuses such an id outright
         stack.client.segment(image, {"point": [5, 5]}, job_id=job_id)
     assert refused.value.code == "invalid_payload"
-    # sent by hand, the worker still keeps its outputs inside the prefix
+    # sent by hand (with a record made by hand), the worker refuses the id: no outputs
     body = {"task": "segq.segment", "image": image, "prompt": {"point": [5, 5]}, "options": {}}
-    stack.client._status.create(job_id, "segq.segment", image)  # noqa: SLF001
-    stack.client._celery.send_task(  # noqa: SLF001
-        "segq.segment", args=[body], task_id=job_id, queue=stack.settings.queue_segment
+    stack.client._status.create(job_id, "segq.segment", image)
+    stack.client.celery.send_task(
+        "segq.segment", args=[body], task_id=job_id, queue=stack.settings.queue_interactive
     )
     with pytest.raises(JobFailed) as failed:
         stack.client.wait(job_id, timeout=TIMEOUT_S)
-    assert failed.value.job_code == "forbidden_location"
+    assert failed.value.job_code == "invalid_payload" and "job ids are" in failed.value.message
     s3 = stack.s3.client()
     keys = [
         o["Key"]
@@ -219,7 +220,7 @@ def test_redis_password_works_end_to_end_and_a_wrong_one_fails_at_once(
             after = int(probe.info("stats")["total_connections_received"])
         assert after - before == 1, "an authentication error must not be retried"
 
-        env = {**stack.env(), **settings_env(wrong)}
+        env = {**stack.env(), **wrong.to_env()}
         started = subprocess.run(
             [sys.executable, "-m", "api_client.cli", "worker", "--pool", "solo"],
             env=env,
@@ -288,7 +289,7 @@ def test_s3_credentials_never_reach_logs_statuses_or_manifests(
     s3 = stack.s3
     wrong_secret = "wrong-" + uuid.uuid4().hex
     denied = stack.settings.model_copy(
-        update={"queue_segment": "segq.denied", "queue_batch": "segq.denied-batch"}
+        update={"queue_interactive": "segq.denied", "queue_batch": "segq.denied-batch"}
     )
     denied_worker = WorkerProcess(
         denied,
@@ -337,7 +338,7 @@ def test_flower_requires_basic_auth(stack: Stack) -> None:
             "-m",
             "celery",
             "-A",
-            "worker.app:app",
+            "worker.celery:app",
             "flower",
             f"--port={port}",
             f"--address={LOOPBACK}",

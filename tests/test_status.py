@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from redis.exceptions import AuthenticationError
 
-from api_client.localstack import RedisServer
+from api_client.dev.localstack import RedisServer
 from config.contract import IDEMPOTENCY_KEY, JobState, status_key
 from config.errors import InvalidTransition, JobNotFound
-from worker.status import StatusStore
+from config.status import StatusStore
 
 TTL = 600
 IMAGE = "s3://segq-input/cat.jpg"

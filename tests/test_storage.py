@@ -20,7 +20,7 @@ from botocore.exceptions import (
     ReadTimeoutError,
 )
 
-from api_client.localstack import S3Server
+from api_client.dev.localstack import S3Server
 from config.contract import S3Ref
 from config.errors import (
     AccessDenied,
@@ -33,7 +33,7 @@ from config.errors import (
     StorageUnavailable,
 )
 from config.settings import Settings
-from worker.storage import Storage, storage_error
+from config.storage import Storage, storage_error
 
 # urllib without any proxy from the environment: loopback only
 _http = urllib.request.build_opener(urllib.request.ProxyHandler({}))

@@ -8,7 +8,7 @@ import socket
 import pytest
 
 from config.errors import InvalidURL
-from worker.urlguard import check_url
+from config.urlguard import check_url
 
 REFUSED = [
     # schemes and credentials

@@ -1,6 +1,6 @@
 """One job's life on a worker: status running, read the image, run the pipeline, write
 outputs and manifest, status final. Plain Python: the Celery tasks are shells around
-``execute``; tests call ``run_job`` without Celery.
+``execute``, and tests drive ``execute`` in-process with a ``Runtime`` of their own.
 
 Ordering guarantees: every output object is written (each a single PUT, so never half
 visible) before the manifest, and the manifest before the status says ``succeeded``.
@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
+
+import numpy as np
+from celery.exceptions import SoftTimeLimitExceeded
 
 from config.contract import (
     TASK_CUTOUT,
@@ -23,12 +25,13 @@ from config.contract import (
     TASKS,
     JobRequest,
     JobStatus,
+    S3Ref,
+    check_job_id,
     output_key,
     parse_request,
 )
-from celery.exceptions import SoftTimeLimitExceeded
-
 from config.errors import InvalidTransition, JobTimeout, SegqError, WorkerLost
+from config.retry import full_jitter
 from worker import metrics
 from worker.imaging.masks import mask_from_png
 from worker.pipelines import JobOutput
@@ -56,12 +59,6 @@ class Delivery:
     retries: int = 0
 
 
-def backoff(retries: int, base: float, cap: float) -> float:
-    """Exponential backoff with full jitter (AWS architecture blog's recommendation):
-    spreads retries of many jobs hit by the same outage."""
-    return random.uniform(0, min(cap, base * (2**retries)))
-
-
 def execute(runtime: Runtime, payload: Any, delivery: Delivery) -> Optional[dict[str, Any]]:
     """Run one delivery of a job and record its outcome. Never raises for a job's own
     faults (a bad job must not take the worker down); raises ``RetryLater`` for
@@ -70,7 +67,9 @@ def execute(runtime: Runtime, payload: Any, delivery: Delivery) -> Optional[dict
     status = runtime.status
     job_id = delivery.job_id
     try:
-        request = parse_request(payload, max_bytes=settings.max_payload_bytes, max_points=settings.max_points)
+        request = parse_request(
+            payload, max_bytes=settings.max_payload_bytes, max_points=settings.max_points
+        )
     except SegqError as err:
         _ensure_record(runtime, job_id, payload)
         _fail(runtime, job_id, _task_of(payload), err)
@@ -105,7 +104,9 @@ def execute(runtime: Runtime, payload: Any, delivery: Delivery) -> Optional[dict
         result, timings = run_job(runtime, request, job_id, on_stage=on_stage)
     except SegqError as err:
         if err.retryable and delivery.retries < settings.max_retries:
-            countdown = backoff(delivery.retries, settings.retry_backoff_s, settings.retry_backoff_max_s)
+            countdown = full_jitter(
+                delivery.retries, settings.retry_backoff_s, settings.retry_backoff_max_s
+            )
             if not _still_ours(lambda: status.requeue(job_id, f"{err.code}: {err.message}"), job_id):
                 return None
             metrics.RETRIES.labels(request.task, err.code).inc()
@@ -144,10 +145,19 @@ def _still_ours(transition: Callable[[], JobStatus], job_id: str) -> Optional[Jo
         return None
 
 
-def refuse_message(runtime: Runtime, job_id: str, task: str, err: SegqError) -> None:
+def refuse_message(runtime: Runtime, job_id: object, task: str, err: SegqError) -> None:
     """Record a message the worker cannot run at all (an unknown task name, a body that is
     not JSON or not ``[args, kwargs, options]``) as a failed job. Celery only logs and drops
-    such a message, which would leave a client's record ``queued`` for ever."""
+    such a message, which would leave a client's record ``queued`` for ever. An id no status
+    should be kept under (empty, over-long, not plain) gets no new record; one made for it
+    by hand is failed."""
+    try:
+        job_id = check_job_id(job_id)
+    except SegqError as bad_id:
+        log.warning("message refused: %s; %s", err, bad_id)
+        if isinstance(job_id, str) and runtime.status.get(job_id) is not None:
+            _fail(runtime, job_id, "unknown", bad_id)
+        return
     runtime.status.create(job_id, task, None)
     _fail(runtime, job_id, task if task in TASKS else "unknown", err)
     log.warning("message %s refused: %s", job_id, err)
@@ -170,7 +180,7 @@ def _notify(runtime: Runtime, final: Optional[JobStatus], callback_url: Optional
         if outcome is not None:
             runtime.status.record_webhook(final.job_id, outcome.to_dict())
 
-    runtime.background.submit(deliver)
+    runtime.webhooks.submit(deliver)
 
 
 def _task_of(payload: Any) -> str:
@@ -193,7 +203,6 @@ def run_job(
 
     on_stage("download")
     t0 = time.perf_counter()
-    storage.check_readable(ref)
     obj = storage.read(ref, max_bytes=settings.max_image_bytes)
     timings["download"] = time.perf_counter() - t0
 
@@ -248,11 +257,8 @@ def _run_pipeline(runtime: Runtime, request: JobRequest, *, image_id: str, data:
     raise AssertionError(request.task)  # parse_request already refused other names
 
 
-def _read_mask(runtime: Runtime, uri: str):
-    from config.contract import S3Ref
-
+def _read_mask(runtime: Runtime, uri: str) -> np.ndarray:
     ref = S3Ref.parse(uri)
-    runtime.storage.check_readable(ref)
     data = runtime.storage.read(ref, max_bytes=runtime.settings.max_image_bytes).data
     return mask_from_png(data, max_pixels=runtime.settings.max_image_pixels)
 

@@ -2,7 +2,7 @@
 
 Jobs by task and final state, seconds per stage, embedding-cache hits and misses, model
 load time, the execution provider in use, and the queue gauges of
-``api_client.queue_metrics``. One process per GPU with a threads pool means one registry;
+``config.queues``. One process per GPU with a threads pool means one registry;
 a prefork pool would need prometheus_client's multiprocess mode (not used by segq).
 """
 
@@ -12,7 +12,10 @@ import logging
 import threading
 from typing import Optional
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram
+
+from config.queues import serve_metrics
+from config.settings import Settings
 
 log = logging.getLogger("segq.worker")
 
@@ -53,16 +56,12 @@ def record_models(load_seconds: float, providers: dict[str, str]) -> None:
         PROVIDER.labels(model, provider).set(1)
 
 
-def serve(port: int, *, broker_url: str, queues: list[str], registry: CollectorRegistry = REGISTRY) -> int:
-    """Start the metrics HTTP server once per process; returns the bound port."""
+def serve(settings: Settings) -> int:
+    """Serve this process's metrics and the queue gauges on ``settings.metrics_port``, once
+    per process (Prometheus counters are per process); returns the bound port."""
     global _server_port
-    from api_client.queue_metrics import QueueCollector, readable_broker
-
     with _started:
         if _server_port is None:
-            if readable_broker(broker_url):
-                registry.register(QueueCollector(broker_url, queues))
-            server, _thread = start_http_server(port, addr="0.0.0.0", registry=registry)
-            _server_port = server.server_port
+            _server_port = serve_metrics(settings, settings.metrics_port).server_port
             log.info("metrics on :%d/metrics", _server_port)
         return _server_port

@@ -17,7 +17,6 @@ the JSON result that goes into the job status and manifest, and per-stage timing
 from __future__ import annotations
 
 import hashlib
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -33,15 +32,18 @@ from config.contract import (
     PanopticOptions,
     Prompt,
     SegmentOptions,
+    parse_options,
     parse_prompt,
 )
 from config.errors import InvalidPayload
 from config.settings import Settings
-from worker.imaging import compose, encode, masks as maskio
+from worker.imaging import compose, encode
+from worker.imaging import masks as maskio
 from worker.imaging.decode import DecodedImage, load_image, read_size
-from worker.inference import load_detr, load_sam2
 from worker.inference.cache import EmbeddingCache
-from worker.inference.detr import model_input_size
+from worker.inference.detr import DetrPanopticModel, model_input_size
+from worker.inference.registry import ModelRegistry
+from worker.inference.sam2 import Sam2Model
 
 ImageInput = Union[bytes, DecodedImage]
 PromptInput = Union[Prompt, dict, None]
@@ -78,7 +80,6 @@ class Timer:
 
 
 PNG = "image/png"
-JSON = "application/json"
 
 
 def _mask_entry(mask: np.ndarray, **extra: Any) -> dict[str, Any]:
@@ -86,36 +87,42 @@ def _mask_entry(mask: np.ndarray, **extra: Any) -> dict[str, Any]:
 
 
 class Pipelines:
-    """Models, the embedding cache and the four job types for one process.
+    """The four job types over one model registry and one embedding cache.
 
     Thread-safe: sessions are shared (onnxruntime's ``run`` is thread-safe) and the
-    cache locks itself.
+    cache locks itself. ``models`` defaults to a registry of its own for ``settings``.
     """
 
-    def __init__(self, settings: Settings, *, cache: Optional[EmbeddingCache] = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        models: Optional[ModelRegistry] = None,
+        cache: Optional[EmbeddingCache] = None,
+    ) -> None:
         self.settings = settings
+        self.models = models if models is not None else ModelRegistry(settings)
         self.cache = cache if cache is not None else EmbeddingCache(settings.embedding_cache_bytes)
-        self._lock = threading.Lock()
         # zlib releases the GIL, so a job's PNGs compress here while it does its RLE and
-        # area work (12 MP encode_output: segment with 3 masks 121 -> 78 ms, panoptic 161 -> 121)
+        # area work (bench/README.md, "PNG", has the figures)
         self._png = ThreadPoolExecutor(max_workers=2, thread_name_prefix="segq-png")
 
     # --- models ---------------------------------------------------------------------
 
-    def sam2(self, options: Optional[SegmentOptions | OverlayOptions] = None):
+    def sam2(self, options: Optional[SegmentOptions | OverlayOptions] = None) -> Sam2Model:
+        """SAM 2 as the job's options name it (the configured one by default)."""
         o = options
-        return load_sam2(
-            self.settings,
+        return self.models.sam2(
             repo=getattr(o, "repo", None),
             encoder_file=getattr(o, "encoder_file", None),
             decoder_file=getattr(o, "decoder_file", None),
             revision=getattr(o, "revision", None),
         )
 
-    def detr(self, options: Optional[PanopticOptions] = None):
+    def detr(self, options: Optional[PanopticOptions] = None) -> DetrPanopticModel:
+        """DETR as the job's options name it (the configured one by default)."""
         o = options
-        return load_detr(
-            self.settings,
+        return self.models.detr(
             repo=getattr(o, "repo", None),
             model_file=getattr(o, "model_file", None),
             revision=getattr(o, "revision", None),
@@ -186,9 +193,9 @@ class Pipelines:
         """SAM 2's masks for ``prompt`` on the image of ``size``; ``pixels`` is called for
         the image only when its embedding is not cached under ``image_id``."""
         timer = Timer(out.timings)
-        prompt = parse_prompt(prompt)
+        prompt = parse_prompt(prompt, max_points=self.settings.max_points)
         if prompt is not None:
-            prompt.check_bounds(*size, self.settings.max_points)
+            prompt.check_bounds(*size)  # before the encoder: a bad prompt costs nothing
         model = self.sam2(options)
         encoded: list[bool] = []
 
@@ -219,7 +226,7 @@ class Pipelines:
         image_id: Optional[str] = None,
         **kwargs: Any,
     ) -> JobOutput:
-        options = _options(SegmentOptions, options, kwargs)
+        options = _options("segment", options, kwargs)
         out = JobOutput()
         timer = Timer(out.timings)
         width, height = self.size(data, timer)  # a cached embedding needs no pixels
@@ -255,7 +262,7 @@ class Pipelines:
         options: Optional[PanopticOptions] = None,
         **kwargs: Any,
     ) -> JobOutput:
-        options = _options(PanopticOptions, options, kwargs)
+        options = _options("panoptic", options, kwargs)
         out = JobOutput()
         timer = Timer(out.timings)
         detr_side = max(model_input_size(*self.size(data, timer)))
@@ -307,7 +314,7 @@ class Pipelines:
         image_id: Optional[str] = None,
         **kwargs: Any,
     ) -> JobOutput:
-        options = _options(CutoutOptions, options, kwargs)
+        options = _options("cutout", options, kwargs)
         if options.multimask:
             raise InvalidPayload("cutout uses one mask; multimask is not available for it")
         out = JobOutput()
@@ -349,7 +356,7 @@ class Pipelines:
     ) -> JobOutput:
         """Colour-coded segments over the image: panoptic segments by default, the SAM
         masks of ``prompt`` when one is given, or caller-supplied ``masks``."""
-        options = _options(OverlayOptions, options, kwargs)
+        options = _options("overlay", options, kwargs)
         out = JobOutput()
         timer = Timer(out.timings)
         image = self.decode(data, timer)
@@ -393,16 +400,10 @@ class Pipelines:
         return out
 
 
-def _options(model: type, options: Any, kwargs: dict[str, Any]):
+def _options(task: str, options: Any, kwargs: dict[str, Any]):
     if options is not None and kwargs:
         raise TypeError("pass either options= or keyword options, not both")
-    if options is None:
-        from config.contract import parse_options  # local: avoids a cycle in type hints
-
-        task = {SegmentOptions: "segment", PanopticOptions: "panoptic",
-                CutoutOptions: "cutout", OverlayOptions: "overlay"}[model]
-        return parse_options(task, kwargs)
-    return options
+    return parse_options(task, kwargs) if options is None else options
 
 
 def _bytes_id(data: ImageInput) -> Optional[str]:

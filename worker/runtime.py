@@ -1,7 +1,10 @@
-"""What one worker process holds: settings, loaded models, S3 and Redis clients.
+"""What one worker process holds: its settings, the models, the pipelines, S3 and Redis
+clients, and the threads that deliver webhooks.
 
-Built once per process before the worker takes work (see ``worker.app``), then shared
-by every task thread. Tests and benchmarks build their own ``Runtime`` directly.
+``Runtime(settings)`` is the composition root of the worker side: ``worker.app.create_app``
+builds one per Celery app, tests and benchmarks build their own, and nothing here is a
+module global. Models load when ``load_models`` runs (before the worker takes work: see
+``worker.app``), so a runtime made in a prefork parent holds none across the fork.
 """
 
 from __future__ import annotations
@@ -9,30 +12,40 @@ from __future__ import annotations
 import json
 import logging
 import os
-import threading
-from concurrent.futures import ThreadPoolExecutor
 import time
+from concurrent.futures import ThreadPoolExecutor
+from functools import cached_property
 from typing import Optional
 
-from config.settings import Settings, get_settings
+from config.settings import Settings
+from config.status import StatusStore
+from config.storage import Storage
 from worker import metrics
+from worker.inference.registry import ModelRegistry
 from worker.pipelines import Pipelines
-from worker.status import StatusStore
-from worker.storage import Storage
 
 log = logging.getLogger("segq.worker")
 
 
 class Runtime:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, models: Optional[ModelRegistry] = None) -> None:
+        """``models``: a registry to share with another runtime, whose model settings must
+        equal these (default: a registry of its own)."""
+        if models is not None and models.settings.model_settings() != settings.model_settings():
+            raise ValueError("a model registry serves only runtimes with equal model settings")
         self.settings = settings
-        self.pipelines = Pipelines(settings)
+        self.models = models if models is not None else ModelRegistry(settings)
+        self.pipelines = Pipelines(settings, models=self.models)
         self.storage = Storage(settings)
         self.status = StatusStore(settings.redis_url, ttl_s=settings.status_ttl_s)
         self.providers: dict[str, str] = {}
         self.load_seconds: float = 0.0
         self.ready = False
-        self.background = ThreadPoolExecutor(max_workers=4, thread_name_prefix="segq-webhook")
+
+    @cached_property
+    def webhooks(self) -> ThreadPoolExecutor:
+        """Where webhook deliveries run: a slow receiver never holds a job slot."""
+        return ThreadPoolExecutor(max_workers=4, thread_name_prefix="segq-webhook")
 
     def load_models(self) -> None:
         """Create the sessions and run one warm inference per model, so the first job
@@ -42,18 +55,13 @@ class Runtime:
         self.load_seconds = time.perf_counter() - t0
         metrics.record_models(self.load_seconds, self.providers)
         if self.settings.metrics_port:
-            metrics.serve(
-                self.settings.metrics_port,
-                broker_url=self.settings.broker,
-                queues=[self.settings.queue_segment, self.settings.queue_batch],
-            )
+            metrics.serve(self.settings)
         self.ready = True
         log.info(
             "models ready in %.1fs: %s",
             self.load_seconds,
             ", ".join(f"{m} on {p}" for m, p in self.providers.items()) or "none",
         )
-
 
     def health(self) -> dict:
         """Readiness for ``segq health``: models loaded and a small inference that
@@ -77,16 +85,18 @@ class Runtime:
             report["reason"] = f"probe inference failed: {type(exc).__name__}: {exc}"
         return report
 
-
     def report_child_ready(self, hostname: str) -> None:
         """A prefork child's health, kept where its parent can read it."""
         report = json.dumps({**self.health(), "pid": os.getpid()})
-        self.status.redis.set(_child_key(hostname, os.getpid()), report, ex=self.settings.status_ttl_s)
+        self.status.redis.set(
+            _child_key(hostname, os.getpid()), report, ex=self.settings.status_ttl_s
+        )
 
     def children_health(self, hostname: str, pids: list[int]) -> dict:
         """A prefork parent's answer: ready when every live pool child reported ready."""
         keys = [_child_key(hostname, pid) for pid in pids]
-        reports = [json.loads(raw) if raw else None for raw in self.status.redis.mget(keys)] if keys else []
+        raw = self.status.redis.mget(keys) if keys else []
+        reports = [json.loads(r) if r else None for r in raw]
         missing = [pid for pid, r in zip(pids, reports) if not (r and r.get("ready"))]
         first = next((r for r in reports if r), {})
         out = {
@@ -105,22 +115,3 @@ class Runtime:
 
 def _child_key(hostname: str, pid: int) -> str:
     return f"segq:worker:{hostname}:{pid}:health"
-
-
-_runtime: Optional[Runtime] = None
-_lock = threading.Lock()
-
-
-def get_runtime() -> Runtime:
-    """The process-wide runtime, created on first use from the environment's settings."""
-    global _runtime
-    with _lock:
-        if _runtime is None:
-            _runtime = Runtime(get_settings())
-        return _runtime
-
-
-def set_runtime(runtime: Optional[Runtime]) -> None:
-    global _runtime
-    with _lock:
-        _runtime = runtime

@@ -7,21 +7,27 @@ come back as a Celery retry with backoff.
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Optional
 
-import redis
-from celery import Task
-from celery.exceptions import Reject
+from celery import Celery, Task
 
-from config.contract import TASK_CUTOUT, TASK_OVERLAY, TASK_PANOPTIC, TASK_SEGMENT
+from config.contract import TASKS, check_job_id
 from config.errors import InvalidPayload
-from worker.app import CheckedRequest, app
+from worker.hardening import CheckedRequest
 from worker.jobs import Delivery, RetryLater, execute, refuse_message
-from worker.runtime import get_runtime
+
+log = logging.getLogger("segq.worker")
 
 
-def _run(task: Task, args: tuple, kwargs: dict) -> Optional[dict[str, Any]]:
-    runtime = get_runtime()
+def run(task: Task, args: tuple, kwargs: dict) -> Optional[dict[str, Any]]:
+    """One delivery of a job, as any of the four tasks receives it."""
+    runtime = task.app.runtime
+    try:
+        check_job_id(task.request.id)
+    except InvalidPayload as err:  # its outputs would have no safe folder
+        refuse_message(runtime, task.request.id, task.name, err)
+        return None
     if len(args) != 1 or kwargs:  # a hand-made message: a bad payload, not a crash
         err = InvalidPayload(
             f"a {task.name} message carries one JSON object (the job) as its only argument; "
@@ -40,29 +46,17 @@ def _run(task: Task, args: tuple, kwargs: dict) -> Optional[dict[str, Any]]:
         raise task.retry(countdown=later.countdown) from later.error
 
 
-# ``execute`` counts retries against ``settings.max_retries`` itself. Celery's own limit must
-# be off (None on the task: ``retry(max_retries=None)`` means "the task's default", 3), or
-# it drops the job after the third retry and leaves its status ``queued`` for ever.
-_common = dict(
-    bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=None, Request=CheckedRequest
-)
+def register(app: Celery) -> None:
+    """Add segq's four tasks to ``app``."""
+    # ``execute`` counts retries itself. Celery's own limit must be off (None on the task:
+    # ``retry(max_retries=None)`` means "the task's default", 3), or it drops the job after
+    # the third retry and leaves its status ``queued`` for ever.
+    for name in TASKS:
 
+        def shell(self: Task, *args: Any, **kwargs: Any) -> Optional[dict[str, Any]]:
+            return run(self, args, kwargs)
 
-@app.task(name=TASK_SEGMENT, **_common)
-def segment(self: Task, *args: Any, **kwargs: Any) -> Optional[dict[str, Any]]:
-    return _run(self, args, kwargs)
-
-
-@app.task(name=TASK_PANOPTIC, **_common)
-def panoptic(self: Task, *args: Any, **kwargs: Any) -> Optional[dict[str, Any]]:
-    return _run(self, args, kwargs)
-
-
-@app.task(name=TASK_CUTOUT, **_common)
-def cutout(self: Task, *args: Any, **kwargs: Any) -> Optional[dict[str, Any]]:
-    return _run(self, args, kwargs)
-
-
-@app.task(name=TASK_OVERLAY, **_common)
-def overlay(self: Task, *args: Any, **kwargs: Any) -> Optional[dict[str, Any]]:
-    return _run(self, args, kwargs)
+        app.task(
+            shell, name=name, bind=True, acks_late=True, reject_on_worker_lost=True,
+            max_retries=None, Request=CheckedRequest, shared=False,
+        )  # fmt: skip

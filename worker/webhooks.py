@@ -36,7 +36,6 @@ import hmac
 import http.client
 import json
 import logging
-import random
 import socket
 import time
 import uuid
@@ -46,8 +45,9 @@ from urllib.parse import urlsplit
 
 from config.contract import JobState, JobStatus
 from config.errors import InvalidURL
+from config.retry import full_jitter
 from config.settings import Settings
-from worker.urlguard import check_url
+from config.urlguard import check_url
 
 log = logging.getLogger("segq.webhooks")
 
@@ -183,13 +183,7 @@ def _post(url: str, ip: str, body: bytes, headers: dict[str, str], timeout: floa
     """One POST to the vetted ``ip``, with the URL's own host in ``Host`` and TLS SNI
     (and certificate checks), so the name is not resolved a second time."""
     parts = urlsplit(url)
-    conn_class = http.client.HTTPSConnection if parts.scheme.lower() == "https" else http.client.HTTPConnection
-    conn = conn_class(parts.hostname, parts.port, timeout=timeout)
-    # http.client opens its socket through this hook; pointing it at the vetted address
-    # keeps everything else (Host header, SNI, certificate hostname) on the URL's name.
-    conn._create_connection = (  # type: ignore[attr-defined]
-        lambda address, *args: socket.create_connection((ip, address[1]), *args)
-    )
+    conn = connection_to(parts.scheme, parts.hostname or "", parts.port, ip, timeout)
     try:
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         conn.request("POST", target, body, headers)
@@ -198,6 +192,24 @@ def _post(url: str, ip: str, body: bytes, headers: dict[str, str], timeout: floa
         return response.status, _retry_after(response.getheader("Retry-After"))
     finally:
         conn.close()
+
+
+def connection_to(
+    scheme: str, host: str, port: Optional[int], ip: str, timeout: float
+) -> http.client.HTTPConnection:
+    """An HTTP(S) connection for ``host`` whose socket goes to the vetted address ``ip``.
+
+    The one reach into http.client's internals: ``HTTPConnection.connect`` (and so
+    ``HTTPSConnection.connect``, before its TLS handshake) opens its socket through the
+    instance's ``_create_connection``. Pointing that at ``ip`` keeps everything else (Host
+    header, SNI, certificate hostname) on the URL's name, so the name is not resolved a
+    second time; ``tests/test_webhooks.py`` pins that behaviour."""
+    cls = http.client.HTTPSConnection if scheme.lower() == "https" else http.client.HTTPConnection
+    conn = cls(host, port, timeout=timeout)
+    conn._create_connection = (  # type: ignore[attr-defined]
+        lambda address, *args: socket.create_connection((ip, address[1]), *args)
+    )
+    return conn
 
 
 def _retry_after(value: Optional[str]) -> Optional[float]:
@@ -211,7 +223,7 @@ def _backoff(attempt: int, settings: Settings, retry_after: Optional[float]) -> 
     """Full jitter spreads the retries of many jobs whose receiver went down together;
     a receiver's Retry-After is honoured up to the backoff cap."""
     cap = settings.retry_backoff_max_s
-    delay = random.uniform(0, min(cap, settings.retry_backoff_s * 2 ** (attempt - 1)))
+    delay = full_jitter(attempt - 1, settings.retry_backoff_s, cap)
     return min(cap, max(delay, retry_after or 0.0))
 
 

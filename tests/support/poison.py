@@ -26,7 +26,7 @@ import time
 from typing import Any
 
 from worker import jobs
-from worker.storage import Storage
+from config.storage import Storage
 
 SLOW_S = float(os.environ.get("POISON_SLOW_S", "3"))
 LOG = os.environ.get("POISON_LOG")

@@ -1,5 +1,5 @@
 """Real Redis and S3 on loopback as pytest fixtures (the servers are
-``api_client.localstack``'s; this module only gives them test lifetimes).
+``api_client.dev.localstack``'s; this module only gives them test lifetimes).
 
 The servers are session-scoped because S3 takes a second or two to start; tests keep
 apart by flushing Redis (``redis_url``) and by a unique output prefix (``settings``).
@@ -14,7 +14,7 @@ from typing import Iterator
 
 import pytest
 
-from api_client.localstack import RedisServer, S3Server
+from api_client.dev.localstack import RedisServer, S3Server
 from config.settings import Settings
 
 INPUT_BUCKET = "segq-input"

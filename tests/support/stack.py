@@ -18,10 +18,12 @@ from typing import Any, Iterator
 import pytest
 
 from api_client.client import SegmentationClient
-from api_client.localstack import RedisServer, S3Server
+from api_client.dev.localstack import RedisServer, S3Server
+from api_client.dev.processes import WorkerProcess
 from config import Settings
 from tests.support.services import INPUT_BUCKET, OUTPUT_BUCKET
-from tests.support.worker import WorkerProcess, settings_env
+
+REPO = Path(__file__).resolve().parents[2]
 
 _db = itertools.count(1)
 
@@ -39,9 +41,10 @@ class Stack:
         return SegmentationClient(self.settings)
 
     def env(self) -> dict[str, str]:
-        return {**os.environ, **self.s3.env(), **settings_env(self.settings)}
+        return {**os.environ, **self.s3.env(), **self.settings.to_env()}
 
     def worker(self, **kwargs: Any) -> WorkerProcess:
+        kwargs.setdefault("cwd", REPO)
         w = WorkerProcess(self.settings, self.log_dir, extra_env=self.s3.env(), **kwargs)
         self.workers.append(w)
         return w
@@ -54,7 +57,7 @@ class Stack:
     def paused(self, queue: str) -> Iterator[None]:
         """Every worker stops consuming ``queue`` inside the block: jobs sent there stay
         visibly ``queued`` until it ends."""
-        control = self.client._celery.control  # noqa: SLF001
+        control = self.client.celery.control
         hosts = [w.hostname for w in self.workers]
         control.cancel_consumer(queue, destination=hosts, reply=True, timeout=5)
         try:

@@ -26,12 +26,10 @@ FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF") + (
     ("AVIF",) if features.check("avif") else ()
 )
 
-# Pillow's own bomb limit is process-wide, only warns between one and two times its value,
-# and raises with neither format nor size in the message. segq's limit is per call and
-# load_image checks it from the header before any pixel is decoded, so Pillow's is switched
-# off rather than left to disagree with it (a DecompressionBombError still maps to
-# ImageTooLarge should anything switch it back on).
-Image.MAX_IMAGE_PIXELS = None
+# segq's pixel limit (max_pixels) is per call and checked from the header before any pixel
+# is decoded. Pillow's own bomb limit is a process-wide setting segq leaves to its owner:
+# at its default, a picture over 2 x Image.MAX_IMAGE_PIXELS (about 179 MP) is refused by
+# Pillow when opened, which maps to ImageTooLarge as well.
 
 # Orientations 5-8 turn the picture a quarter, so the displayed width is the stored height.
 _QUARTER_TURNS = {5, 6, 7, 8}
@@ -142,7 +140,7 @@ def _open(data: bytes, max_bytes: int) -> Image.Image:
             f"{len(data)} bytes starting {bytes(data[:8])!r}"
         ) from None
     except Image.DecompressionBombError as e:
-        raise ImageTooLarge(f"image declares too many pixels: {e}") from None
+        raise ImageTooLarge(f"image is over the limit of pixels Pillow opens: {e}") from None
     except Exception as e:  # Pillow reports a corrupt header with many exception types
         raise InvalidImage(f"unreadable image header: {e}") from None
 

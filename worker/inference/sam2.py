@@ -77,7 +77,6 @@ class Sam2Model:
         decoder: ort.InferenceSession,
         *,
         name: str = "sam2",
-        max_points: int = 64,
     ) -> None:
         require_io(
             encoder, inputs=[ENCODER_INPUT], outputs=EMBEDDING_NAMES, model_name=f"{name} encoder"
@@ -88,7 +87,6 @@ class Sam2Model:
         self.encoder = encoder
         self.decoder = decoder
         self.name = name
-        self.max_points = max_points
         _, _, self.input_height, self.input_width = input_shape(
             encoder, ENCODER_INPUT, (1, 3, 1024, 1024)
         )
@@ -154,7 +152,7 @@ class Sam2Model:
         if prompt is None or prompt.is_empty:
             points, labels = [(width / 2, height / 2)], [LABEL_FOREGROUND]
         else:
-            prompt.check_bounds(width, height, self.max_points)
+            prompt.check_bounds(width, height)
             points, labels = [], []
             if prompt.box is not None:
                 x, y, w, h = prompt.box

@@ -1,6 +1,7 @@
-"""onnxruntime sessions: one per (model file, providers, threads) per process, shared by all
-callers. ``InferenceSession.run`` is thread-safe, so threads share a session rather than
-each loading its own copy of the weights."""
+"""onnxruntime sessions with segq's options: the providers and threads of the settings,
+memory patterns and thread spinning off, float16 on CUDA when asked. ``create_session``
+makes one; the worker's ``ModelRegistry`` keeps one per model file, shared by every
+thread (``InferenceSession.run`` is thread-safe), rather than a copy of the weights each."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import hashlib
 import logging
 import os
 import re
-import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Optional
@@ -26,10 +26,6 @@ from config.settings import Settings
 
 log = logging.getLogger(__name__)
 
-_sessions: dict[tuple, ort.InferenceSession] = {}
-_lock = threading.Lock()
-
-
 def usable_providers(wanted: Iterable[str]) -> list[str]:
     """``wanted`` in order, less the providers this onnxruntime build does not offer."""
     available = set(ort.get_available_providers())
@@ -41,25 +37,18 @@ def usable_providers(wanted: Iterable[str]) -> list[str]:
     return usable or ["CPUExecutionProvider"]
 
 
-def get_session(path: Path, settings: Settings) -> ort.InferenceSession:
-    """The process's session for ``path`` with the providers and threads of ``settings``."""
+def create_session(path: Path, settings: Settings) -> ort.InferenceSession:
+    """A session for the model file ``path`` with the providers and threads of ``settings``."""
     providers = tuple(usable_providers(settings.providers))
     fp16 = settings.fp16 and providers[0] == "CUDAExecutionProvider"
     if settings.fp16 and not fp16:
-        log.warning("SEGQ_FP16 needs the CUDA provider; %s runs in float32 on %s", Path(path).name, providers[0])
-    key = (
-        str(Path(path).resolve()),
-        providers,
-        settings.intra_op_threads,
-        settings.inter_op_threads,
-        fp16,
-    )
-    with _lock:
-        session = _sessions.get(key)
-        if session is None:
-            source = float16_copy(Path(path)) if fp16 else Path(path)
-            session = _sessions[key] = _create(source, providers, settings)
-    return session
+        log.warning(
+            "SEGQ_FP16 needs the CUDA provider; %s runs in float32 on %s",
+            Path(path).name,
+            providers[0],
+        )
+    source = float16_copy(Path(path)) if fp16 else Path(path)
+    return _create(source, providers, settings)
 
 
 def float16_copy(path: Path, cache_dir: Optional[Path] = None) -> Path:
@@ -168,14 +157,12 @@ def _create(path: Path, providers: tuple[str, ...], settings: Settings) -> ort.I
     options = ort.SessionOptions()
     options.intra_op_num_threads = settings.intra_op_threads
     options.inter_op_num_threads = settings.inter_op_threads
-    # Memory patterns pre-plan one block per input shape on top of the arena: measured on
-    # the full-size models (2 cores, CPU), a worker's RSS after a few jobs was 7.3 GB with
-    # them and 4.7 GB without, at the same speed (interleaved medians within noise).
+    # Memory patterns pre-plan one block per input shape on top of the arena: a third more
+    # resident memory per worker for no speed (bench/README.md, "onnxruntime sessions").
     options.enable_mem_pattern = False
     # onnxruntime's pool threads spin for a while after each call, and each session has its
-    # own pool: right after the encoder, SAM 2's decoder took 41 ms against 28 without the
-    # spinning (2 cores; encoder and DETR alike within noise), and the numpy work after a
-    # model call competes with spinning threads as well.
+    # own pool: the next session (SAM 2's decoder right after its encoder) and the numpy
+    # work after a model call would compete with spinning threads.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         session = ort.InferenceSession(str(path), sess_options=options, providers=list(providers))

@@ -18,26 +18,21 @@ versionId, else its ETag, else the event's sequencer), the task and the rule: th
 upload seen twice makes one job, while a new upload under the same key makes a new one.
 
 Entry points: ``handle_event`` (any caller), ``lambda_handler`` (AWS Lambda),
-``SqsPoller`` (a long-polling consumer) and ``api_client.event_server`` (HTTP, for MinIO).
+``api_client.events.sqs`` (a long-polling SQS consumer) and ``api_client.events.server``
+(HTTP, for MinIO).
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
-import threading
-import time
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Iterator, Literal, Optional
 from urllib.parse import unquote_plus
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-from pydantic_settings import SettingsError
-
-from config.contract import S3Ref, parse_request
+from config.contract import EventRule, S3Ref
 from config.errors import InvalidConfig, InvalidPayload, SegqError
 from config.settings import Settings, get_settings
 
@@ -46,68 +41,16 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("segq.events")
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".avif")
 TEST_EVENT = "s3:TestEvent"
-
-
-class EventRule(BaseModel):
-    """New objects in ``bucket`` under ``prefix`` with one of ``suffixes`` (compared
-    case-insensitively) become ``task`` jobs with this prompt and these options."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    bucket: str = Field(min_length=1)
-    prefix: str = ""
-    suffixes: list[str] = Field(default_factory=lambda: list(IMAGE_SUFFIXES))
-    task: str
-    prompt: Optional[dict[str, Any]] = None
-    options: dict[str, Any] = Field(default_factory=dict)
-
-    @model_validator(mode="after")
-    def _a_valid_job(self) -> "EventRule":
-        # The job contract is the judge: a rule that could only make invalid jobs is
-        # refused when the rules load, not once per upload.
-        sample = parse_request(
-            {"task": self.task, "image": f"s3://{self.bucket}/{self.prefix}example.jpg",
-             "prompt": self.prompt, "options": self.options}
-        )  # fmt: skip
-        self.task = sample.task
-        self.suffixes = [s.lower() for s in self.suffixes]
-        return self
-
-    def matches_location(self, bucket: str, key: str) -> bool:
-        return bucket == self.bucket and key.startswith(self.prefix)
-
-    def matches_suffix(self, key: str) -> bool:
-        return key.lower().endswith(tuple(self.suffixes))
-
-
-def load_rules(raw: list[dict[str, Any]]) -> list[EventRule]:
-    """Validate configured rules (``settings.event_rules``); ``InvalidConfig`` names the
-    rule and what is wrong with it."""
-    rules = []
-    for index, item in enumerate(raw):
-        try:
-            rules.append(EventRule.model_validate(item))
-        except ValidationError as err:
-            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'rule'}: {e['msg']}" for e in err.errors())
-            raise InvalidConfig(f"SEGQ_EVENT_RULES[{index}] is invalid: {problems}", rule=index) from None
-        except SegqError as err:
-            raise InvalidConfig(f"SEGQ_EVENT_RULES[{index}] is invalid: {err}", rule=index) from None
-    return rules
 
 
 def configured() -> tuple[Settings, list[EventRule]]:
     """The environment's settings and event rules, for the entry points: ``InvalidConfig``
     when either is malformed, or when there are no rules (every event would be ignored)."""
-    try:
-        settings = get_settings()
-    except SettingsError as err:
-        raise InvalidConfig(f"{err}: {err.__cause__}" if err.__cause__ else str(err)) from None
-    rules = load_rules(settings.event_rules)
-    if not rules:
+    settings = get_settings()
+    if not settings.event_rules:
         raise InvalidConfig("no SEGQ_EVENT_RULES: every event would be ignored")
-    return settings, rules
+    return settings, list(settings.event_rules)
 
 
 # --- events ----------------------------------------------------------------------------
@@ -277,88 +220,3 @@ def lambda_handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
     exception fails the invocation, so Lambda retries it and idempotency dedupes."""
     client, rules = _lambda_setup()
     return {"outcomes": [o.to_dict() for o in handle_event(event, client, rules)]}
-
-
-class SqsPoller:
-    """Consume S3 events from an SQS queue (S3 -> SQS, or S3 -> SNS -> SQS).
-
-    A message is deleted only after its jobs are submitted: if this process dies, or
-    Redis is briefly away, the message comes back after the visibility timeout and
-    idempotency turns it into duplicates. A message that is not an S3 event is logged
-    and left alone, so the queue's redrive policy moves it to a dead-letter queue.
-    """
-
-    def __init__(
-        self,
-        queue_url: str,
-        client: "SegmentationClient",
-        rules: list[EventRule],
-        sqs_client: Any = None,
-        *,
-        wait_time_s: int = 20,
-    ) -> None:
-        if sqs_client is None:
-            import boto3
-
-            sqs_client = boto3.client("sqs", region_name=client.settings.s3_region)
-        self.queue_url = queue_url
-        self.client = client
-        self.rules = rules
-        self.sqs = sqs_client
-        self.wait_time_s = wait_time_s
-        self._stopping = threading.Event()
-
-    def stop(self) -> None:
-        """Finish the current receive and return from ``run``."""
-        self._stopping.set()
-
-    def run(self, max_messages: Optional[int] = None, stop_after: Optional[float] = None) -> int:
-        """Poll until ``stop()``, ``max_messages`` received or ``stop_after`` seconds;
-        returns the number of messages received."""
-        deadline = None if stop_after is None else time.monotonic() + stop_after
-        received = 0
-        while not self._stopping.is_set():
-            wait = self.wait_time_s
-            if deadline is not None:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                wait = min(wait, int(left))
-            batch = 10 if max_messages is None else min(10, max_messages - received)
-            if batch <= 0:
-                break
-            response = self.sqs.receive_message(
-                QueueUrl=self.queue_url, MaxNumberOfMessages=batch, WaitTimeSeconds=wait
-            )
-            for message in response.get("Messages", []):
-                received += 1
-                self.handle_message(message)
-        return received
-
-    def handle_message(self, message: dict[str, Any]) -> Optional[list[EventOutcome]]:
-        """Handle one SQS message; None if it was left on the queue."""
-        message_id = message.get("MessageId")
-        try:
-            outcomes = handle_event(_json(message.get("Body"), "SQS message body"), self.client, self.rules)
-        except InvalidPayload as err:
-            log.error("SQS message %s is not an S3 event, left for the dead-letter queue: %s", message_id, err)
-            return None
-        except Exception:  # noqa: BLE001  the poller outlives a Redis or broker outage
-            log.exception("SQS message %s not handled; it will be delivered again", message_id)
-            return None
-        self.sqs.delete_message(QueueUrl=self.queue_url, ReceiptHandle=message["ReceiptHandle"])
-        return outcomes
-
-
-def cmd_events_sqs(args: argparse.Namespace) -> int:
-    """``segq events sqs --queue-url URL``: poll until interrupted."""
-    import boto3
-
-    from api_client.client import SegmentationClient
-
-    settings, rules = configured()
-    sqs = boto3.client("sqs", region_name=args.region or settings.s3_region, endpoint_url=args.endpoint_url)
-    poller = SqsPoller(args.queue_url, SegmentationClient(settings), rules, sqs)
-    log.info("polling %s with %d rule(s)", args.queue_url, len(rules))
-    poller.run(max_messages=args.max_messages)
-    return 0

@@ -23,7 +23,7 @@ import boto3
 from botocore import exceptions as boto
 from botocore.config import Config
 
-from config.contract import S3Ref
+from config.contract import S3Ref, folder
 from config.errors import (
     AccessDenied,
     BucketNotFound,
@@ -113,11 +113,6 @@ def check_key(key: str) -> None:
         raise ForbiddenLocation(f"S3 key {key!r} has an empty, '.' or '..' path segment")
 
 
-def _folder(prefix: str) -> str:
-    """Prefixes name folders: ``uploads`` allows ``uploads/x``, not ``uploads-evil/x``."""
-    return prefix if not prefix or prefix.endswith("/") else prefix + "/"
-
-
 class Storage:
     """S3 access for one deployment's settings. Thread-safe: one boto3 client, made on
     first use and shared (boto3 clients are thread-safe; sessions are not)."""
@@ -162,7 +157,7 @@ class Storage:
             if allowed == "*":
                 return
             bucket, _, key_prefix = allowed.removeprefix("s3://").partition("/")
-            if bucket == ref.bucket and ref.key.startswith(_folder(key_prefix)):
+            if bucket == ref.bucket and ref.key.startswith(folder(key_prefix)):
                 return
         raise ForbiddenLocation(
             f"{ref.uri} is outside the locations this deployment reads "
@@ -173,7 +168,7 @@ class Storage:
     def output_ref(self, key: str) -> S3Ref:
         """``key`` in the output bucket; ``ForbiddenLocation`` outside the output prefix."""
         check_key(key)
-        prefix = _folder(self.settings.output_prefix)
+        prefix = folder(self.settings.output_prefix)
         if not key.startswith(prefix):
             raise ForbiddenLocation(f"output key {key!r} is outside the output prefix {prefix!r}")
         return S3Ref(bucket=self.settings.output_bucket, key=key)

@@ -21,15 +21,17 @@ optimistic retry is rare; and redis-py turns a connection lost mid-WATCH into a
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Optional, Union
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Optional, Union
 
 import redis
+from kombu.exceptions import OperationalError
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import AuthenticationError, ConnectionError, TimeoutError
 from redis.retry import Retry
 
 from config.contract import IDEMPOTENCY_KEY, JobErrorInfo, JobState, JobStatus, status_key
-from config.errors import InvalidTransition, JobNotFound
+from config.errors import InvalidTransition, JobNotFound, QueueUnavailable
 
 # Reconnect with backoff for about 17 s in all (0.05 s doubling up to 2 s per try):
 # long enough for Redis to restart and reload its AOF, short enough to surface an outage.
@@ -63,6 +65,19 @@ def redis_client(url: str) -> redis.Redis:
         retry=_Retry(ExponentialBackoff(**RECONNECT_BACKOFF), RECONNECT_RETRIES),
         retry_on_error=[ConnectionError, TimeoutError],
     )
+
+
+@contextmanager
+def redis_reachable(action: str) -> Iterator[None]:
+    """Redis down past the reconnect budget, or a publish the broker refuses, becomes
+    ``QueueUnavailable``: callers see "try again later" with a code, not redis-py's or
+    kombu's traceback. A wrong password is no outage and stays as it is."""
+    try:
+        yield
+    except redis.AuthenticationError:
+        raise
+    except (redis.ConnectionError, redis.TimeoutError, OperationalError) as exc:
+        raise QueueUnavailable(f"cannot {action}: Redis is unreachable ({exc})") from exc
 
 
 def _text(value: Union[bytes, str]) -> str:

@@ -8,12 +8,11 @@ and stops everything it started on Ctrl-C.
 
 from __future__ import annotations
 
-import logging
 import os
+import re
 import secrets
 import shlex
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -25,16 +24,12 @@ from pathlib import Path
 from typing import Optional
 from urllib.parse import urlsplit
 
-from config.errors import ModelError, SegqError
+from api_client.dev.localstack import free_ports
+from api_client.dev.processes import WorkerProcess, stop_process
+from config.errors import SegqError
 from config.settings import Settings, get_settings
 
 OUTPUT_DIR = Path("segq-dev-output")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _say(text: str) -> None:
@@ -57,30 +52,26 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def _check_models(settings: Settings) -> Optional[str]:
-    """Fetch (or find cached) model files before starting anything, so an offline
-    machine gets one clear line instead of a worker stack trace."""
-    from worker.inference.hub import download_models
-
+def _model_env(settings: Settings) -> dict[str, str]:
+    """``SEGQ_OFFLINE=true`` when the models would come from a hub that cannot be reached:
+    the cache may still have them, and then nothing waits on huggingface_hub's retries."""
     needs_hub = not (settings.sam2_dir and settings.detr_dir) and not settings.offline
-    if needs_hub and not _hub_reachable():
-        settings = settings.model_copy(update={"offline": True})  # the cache may still have them
-    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
-    try:
-        download_models(settings, segment=True, panoptic=True, progress=True)
-    except ModelError as err:
-        return err.message
-    return None
+    return {"SEGQ_OFFLINE": "true"} if needs_hub and not _hub_reachable() else {}
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+def _check_models(env: dict[str, str]) -> Optional[str]:
+    """Fetch (or find cached) the model files before starting anything, with the worker's
+    own `segq download-models`, so an offline machine gets one clear line instead of a
+    worker's stack trace. None when they are there, else what is wrong."""
+    done = subprocess.run(
+        [sys.executable, "-m", "api_client.cli", "download-models"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    if done.returncode == 0:
+        return None
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    last = lines[-1] if lines else f"segq download-models exited with {done.returncode}"
+    return re.sub(r"^segq: (\[[a-z_]+\] )?", "", last)
 
 
 def run_dev(
@@ -92,10 +83,11 @@ def run_dev(
 ) -> int:
     import boto3
 
-    from api_client.localstack import RedisServer, S3Server
+    from api_client.dev.localstack import RedisServer, S3Server
 
     base = get_settings()
-    problem = _check_models(base)
+    model_env = _model_env(base)
+    problem = _check_models({**os.environ, **model_env})
     if problem:
         _say(f"segq dev: the models are not available: {problem}")
         return 2
@@ -129,11 +121,12 @@ def run_dev(
                 "s3_endpoint_url": s3.endpoint_url,
                 "s3_region": s3.region,
                 "allowed_inputs": ["s3://segq-input/"],
+                "offline": base.offline or bool(model_env),
             }
         )
 
         from api_client.client import SegmentationClient
-        from worker.storage import Storage
+        from config.storage import Storage
 
         session = boto3.session.Session(aws_access_key_id=access_key, aws_secret_access_key=secret_key)
         client = SegmentationClient(settings, storage=Storage(settings, session=session))
@@ -142,21 +135,23 @@ def run_dev(
         logs = root / "logs"
         logs.mkdir(exist_ok=True)
         _say("starting a worker (models load before it takes work) ...")
-        worker = subprocess.Popen(
-            [sys.executable, "-m", "api_client.cli", "worker", "--hostname", "segq-dev@%h"],
-            env=env, stdout=open(logs / "worker.log", "wb"), stderr=subprocess.STDOUT,
-        )
-        stack.callback(_stop, worker)
-        flower_port = _free_port()
-        flower = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "worker.app:app", "flower",
-             f"--port={flower_port}", "--address=127.0.0.1",
-             f"--basic-auth=segq:{flower_password}"],
-            env=env, stdout=open(logs / "flower.log", "wb"), stderr=subprocess.STDOUT,
-        )
-        stack.callback(_stop, flower)
+        worker = WorkerProcess(
+            settings, logs, pool=settings.pool, concurrency=settings.concurrency, name="segq-dev",
+            host="%h", extra_env=stack_env,
+        )  # fmt: skip
+        worker.start(wait=False)
+        stack.callback(worker.terminate, 15)
+        flower_port = free_ports(1)[0]
+        with open(logs / "flower.log", "wb") as flower_log:
+            flower = subprocess.Popen(
+                [sys.executable, "-m", "celery", "-A", "worker.celery:app", "flower",
+                 f"--port={flower_port}", "--address=127.0.0.1",
+                 f"--basic-auth=segq:{flower_password}"],
+                env=env, stdout=flower_log, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        stack.callback(stop_process, flower)
 
-        if not _wait_ready(settings, worker, logs / "worker.log"):
+        if not _wait_ready(worker):
             return 1
 
         uri = client.upload(data, f"samples/{name}", content_type="image/jpeg")
@@ -189,29 +184,21 @@ def run_dev(
         if keep_running and failures == 0:
             _say("the stack keeps running; Ctrl-C stops everything it started")
             try:
-                while worker.poll() is None:
+                while worker.proc.poll() is None:
                     time.sleep(1)
             except KeyboardInterrupt:
                 _say("\nstopping ...")
         return 1 if failures else 0
 
 
-def _wait_ready(settings: Settings, worker: subprocess.Popen, log: Path, timeout: float = 300) -> bool:
-    from api_client.health import ask_workers
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if worker.poll() is not None:
-            _say(f"segq dev: the worker exited with code {worker.returncode}; its log ({log}):")
-            _say(log.read_text(errors="replace")[-3000:])
-            return False
-        replies = ask_workers(settings, timeout=1.0)
-        if any(r.get("ready") for r in replies.values()):
-            for host, r in replies.items():
-                _say(f"worker {host} ready: {r.get('providers')}, models loaded in {r.get('load_seconds')}s")
-            return True
-    _say(f"segq dev: the worker was not ready after {timeout:.0f}s; see {log}")
-    return False
+def _wait_ready(worker: WorkerProcess, timeout: float = 300) -> bool:
+    try:
+        report = worker.wait_ready(timeout)
+    except (RuntimeError, TimeoutError) as err:
+        _say(f"segq dev: the worker did not start: {err}")
+        return False
+    _say(f"worker ready: {report.get('providers')}, models loaded in {report.get('load_seconds')}s")
+    return True
 
 
 def _summary(result: dict) -> str:

@@ -1,7 +1,7 @@
 """Queue depth and in-flight jobs per queue, read from the Redis broker at scrape time.
 
 Flower has no such gauge, and an autoscaler (KEDA, an HPA on an external metric) needs
-one that works even when no worker runs, so this collector serves from the worker's
+one that works even when no worker runs, so ``serve_metrics`` serves it from the worker's
 metrics endpoint and from ``segq metrics`` alike.
 
 Kombu's Redis transport keeps each queue as a list named after the queue, and every
@@ -12,11 +12,15 @@ routing_key]``: those are the jobs in flight.
 from __future__ import annotations
 
 import json
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 import redis
+from prometheus_client import REGISTRY, CollectorRegistry, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from config.errors import InvalidConfig
+from config.settings import Settings
 
 UNACKED_HASH = "unacked"
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
@@ -66,3 +70,23 @@ class QueueCollector(Collector):
             flight.add_metric([q], f)
         up.add_metric([], 1)
         yield from (waiting, flight, up)
+
+
+def serve_metrics(
+    settings: Settings,
+    port: int,
+    *,
+    host: str = "0.0.0.0",
+    registry: CollectorRegistry = REGISTRY,
+    require_gauges: bool = False,
+) -> Any:
+    """Serve ``registry``, with the queue gauges of ``settings``' broker where it is Redis,
+    over HTTP on ``port`` (0: any free one); returns the server (its ``server_port``).
+    ``require_gauges``: refuse a broker the gauges cannot read instead of serving without."""
+    if readable_broker(settings.broker):
+        registry.register(QueueCollector(settings.broker, settings.queues))
+    elif require_gauges:
+        scheme = settings.broker.split(":", 1)[0]  # not the whole URL: it may hold a password
+        raise InvalidConfig(f"queue depth is read from a Redis broker, not {scheme}://")
+    server, _thread = start_http_server(port, addr=host, registry=registry)
+    return server

@@ -1,10 +1,11 @@
-"""A real ``segq worker`` subprocess for integration and fault tests."""
+"""Processes the local tools start and stop: a ``segq worker`` subprocess (for ``segq dev``,
+the tests and the benchmark) and the one way they are all stopped."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -14,10 +15,8 @@ from typing import Any, Optional, Sequence
 
 from config.settings import Settings
 
-REPO = Path(__file__).resolve().parents[2]
-
-# `segq worker` with test-only modules imported first (e.g. tests.support.poison), so the
-# worker under test still starts through the product's own entry point.
+# `segq worker` with other modules imported first (the tests' fault hooks), so the worker
+# under test still starts through the product's own entry point.
 _IMPORT_THEN_SEGQ = (
     "import importlib, sys\n"
     "for name in sys.argv.pop(1).split(','):\n"
@@ -27,23 +26,23 @@ _IMPORT_THEN_SEGQ = (
 )
 
 
-def settings_env(settings: Settings) -> dict[str, str]:
-    """The SEGQ_* environment that reproduces ``settings`` in another process."""
-    env: dict[str, str] = {}
-    for name in Settings.model_fields:
-        value = getattr(settings, name)
-        if value is None:
-            continue
-        if hasattr(value, "get_secret_value"):
-            value = value.get_secret_value()
-        if isinstance(value, (list, dict, bool)):
-            env[f"SEGQ_{name.upper()}"] = json.dumps(value)
-        else:
-            env[f"SEGQ_{name.upper()}"] = str(value)
-    return env
+def stop_process(proc: subprocess.Popen, timeout: float = 15.0) -> Optional[int]:
+    """SIGTERM (a Celery worker's warm shutdown: running jobs finish), then SIGKILL after
+    ``timeout`` seconds; reaps it either way. Returns its exit status."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
 
 
 class WorkerProcess:
+    """One ``segq worker`` subprocess with ``settings`` in its environment, its output in
+    ``log_dir``; ``wait_ready`` returns once it answers ``segq health`` as ready."""
+
     def __init__(
         self,
         settings: Settings,
@@ -55,30 +54,40 @@ class WorkerProcess:
         name: Optional[str] = None,
         host: str = "test",
         imports: Sequence[str] = (),
+        cwd: Optional[Path] = None,
     ) -> None:
+        """``host``: the part after @ of the worker's name (``%h``: this machine's name, as
+        Celery spells it); ``imports``: modules the worker process imports before it starts."""
         self.settings = settings
+        host = host.replace("%h", socket.gethostname())
         self.hostname = f"{name or 'w'}-{uuid.uuid4().hex[:6]}@{host}"
         self.log_path = Path(log_dir) / f"{self.hostname.split('@')[0]}.log"
         self.pool = pool
         self.concurrency = concurrency
-        self.env = {**os.environ, **settings_env(settings), "PYTHONUNBUFFERED": "1", **(extra_env or {})}
+        self.env = {**os.environ, **settings.to_env(), "PYTHONUNBUFFERED": "1", **(extra_env or {})}
         self.imports = list(imports)
+        self.cwd = cwd
         self.proc: Optional[subprocess.Popen] = None
 
     def start(self, *, wait: bool = True, timeout: float = 90) -> "WorkerProcess":
-        log = open(self.log_path, "ab")
         entry = ["-c", _IMPORT_THEN_SEGQ, ",".join(self.imports)] if self.imports else ["-m", "api_client.cli"]
-        self.proc = subprocess.Popen(
-            [sys.executable, *entry, "worker", "--pool", self.pool,
-             "--concurrency", str(self.concurrency), "--hostname", self.hostname,
-             "--loglevel", "INFO"],
-            env=self.env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-        )
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, *entry, "worker", "--pool", self.pool,
+                 "--concurrency", str(self.concurrency), "--hostname", self.hostname,
+                 "--loglevel", "INFO"],
+                env=self.env, cwd=self.cwd, stdout=log, stderr=subprocess.STDOUT,
+            )  # fmt: skip
         if wait:
             self.wait_ready(timeout)
         return self
 
+    @property
+    def pid(self) -> Optional[int]:
+        return self.proc.pid if self.proc else None
+
     def wait_ready(self, timeout: float = 90) -> dict[str, Any]:
+        """The worker's health report once it is ready; ``RuntimeError`` if it exits first."""
         from api_client.health import ask_workers
 
         deadline = time.monotonic() + timeout
@@ -101,14 +110,7 @@ class WorkerProcess:
 
     def terminate(self, timeout: float = 60) -> int:
         """SIGTERM: Celery's warm shutdown, running jobs finish first."""
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode if self.proc else 0
+        return (stop_process(self.proc, timeout) if self.proc else 0) or 0
 
     def __enter__(self) -> "WorkerProcess":
         return self.start()

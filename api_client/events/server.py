@@ -23,7 +23,8 @@ import os
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any, Optional
 
-from api_client.events import EventRule, configured, handle_event
+from api_client.events import configured, handle_event
+from config.contract import EventRule
 from config.errors import InvalidPayload
 
 if TYPE_CHECKING:

@@ -9,7 +9,7 @@ data directory, which is how the fault tests take a service away and bring it ba
     with RedisServer() as redis, S3Server(buckets=["segq-input"]) as s3:
         settings = Settings(redis_url=redis.url, s3_endpoint_url=s3.endpoint_url)
 
-Deliberately free of onnxruntime and ``worker``: producers ship this module.
+Free of onnxruntime and ``worker``, like all of ``api_client``.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import urllib.request
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, TypeVar
 
+from api_client.dev.processes import stop_process
 from config.errors import LocalServiceError
 
 if TYPE_CHECKING:
@@ -151,14 +152,8 @@ class LocalServer:
         """Stop the server and reap it; data stays for a later ``start()``."""
         proc, self._proc = self._proc, None
         _running.discard(self)
-        if proc is None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        if proc is not None:
+            stop_process(proc, timeout_s)
 
     def close(self) -> None:
         """Stop, and remove the data directory if this object made it."""
