@@ -15,7 +15,7 @@ from PIL import Image
 
 from config.errors import InvalidMask
 from config.settings import Settings
-from worker.imaging.encode import FLAT_STRATEGY, encode_png
+from worker.imaging import png
 
 MAX_LABEL = 0xFFFF  # a 16-bit PNG holds the ids
 # No mask can be larger than the largest image a deployment accepts by default.
@@ -116,7 +116,7 @@ def _is_count(value: Any) -> bool:
 
 def mask_to_png(mask: np.ndarray) -> bytes:
     """The mask as a 1-bit PNG (white inside)."""
-    return encode_png(Image.fromarray(as_mask(mask)), strategy=FLAT_STRATEGY)
+    return png.write_png(png.Source.from_array(as_mask(mask), "1"))
 
 
 def mask_from_png(
@@ -151,7 +151,8 @@ def label_map_to_png(segmentation: np.ndarray) -> bytes:
         )
     if labels.size and (labels.min() < 0 or labels.max() > MAX_LABEL):
         raise InvalidMask(f"segment ids must be within 0..{MAX_LABEL} to fit a 16-bit PNG")
-    return encode_png(Image.fromarray(labels.astype(np.uint16)), strategy=FLAT_STRATEGY)
+    # rows are cast to 16 bits a strip at a time, never as a second full-size array
+    return png.write_png(png.Source.from_array(labels, "I;16"))
 
 
 def label_map_from_png(
