@@ -1,8 +1,9 @@
-"""The imaging speed paths answer exactly as the plain ones they replace.
+"""The speed paths of imaging and post-processing answer exactly as the plain ones.
 
 The fast PNG writer against Pillow's encoder (same pixels and mode after decoding, a valid
 stream for a strict decoder: chunk CRCs, one zlib stream with its Adler-32), in every
-layout, with ISA-L and with plain zlib, split into many pieces and strips.
+layout, with ISA-L and with plain zlib, split into many pieces and strips. The compiled
+kernels (numba) against the numpy code they replace, bit for bit.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ import pytest
 from PIL import Image
 
 from tests.support import images
-from worker.imaging import encode, png
+from worker.imaging import accel, encode, png
 from worker.imaging import masks as maskio
+from worker.inference import detr, transforms
 
 RNG = np.random.default_rng(11)
 
@@ -165,3 +167,96 @@ def test_a_big_endian_16_bit_image_keeps_its_values():
     img = Image.frombytes("I;16B", (17, 33), values.astype(">u2").tobytes())
     assert encode.fast_png_supports(img)
     assert np.array_equal(np.asarray(reopen(encode.encode_png(img))), values)
+
+
+# --- compiled kernels (numba) against their numpy references ------------------------------
+
+needs_numba = pytest.mark.skipif(not accel.ENABLED, reason="numba not installed: only numpy runs")
+
+
+def detr_outputs(seed: int, queries: int, h: int, w: int, *, coarse: bool = False):
+    """Random DETR outputs with about half the queries kept; ``coarse`` draws mask logits
+    and class logits from a few values, so many pixels tie between queries."""
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(0.0, 1.0, (queries, 251)).astype(np.float32)
+    winners = rng.choice([1, 2, 92, 93, 130, 250], queries)
+    logits[np.arange(queries), winners] += np.float32(6.0 if not coarse else 8.0)
+    if coarse:
+        masks = rng.choice(np.float32([-3.0, 0.0, 0.5, 2.0]), (queries, h, w))
+        logits = np.round(logits)  # equal class scores for equal rows
+        logits[1::2] = logits[0::2][: len(logits[1::2])]
+    else:  # a noisy rectangle per query, so some queries win most of their own pixels
+        masks = rng.normal(0.0, 1.5, (queries, h, w)).astype(np.float32) - 4
+        for mask in masks:
+            y, x = rng.integers(0, h), rng.integers(0, w)
+            mask[y : y + rng.integers(1, h + 1), x : x + rng.integers(1, w + 1)] += 8
+    return logits.astype(np.float32), masks.astype(np.float32)
+
+
+@needs_numba
+@pytest.mark.parametrize(
+    "seed, queries, mask_hw, size, coarse",
+    [
+        (0, 30, (25, 34), (133, 100), False),
+        (1, 60, (50, 67), (401, 299), False),
+        (2, 20, (50, 67), (37, 23), False),  # shrinking
+        (3, 40, (30, 40), (640, 480), True),  # ties everywhere
+        (4, 12, (8, 8), (1, 1), False),
+        (5, 100, (20, 27), (1000, 750), False),
+    ],
+)
+@pytest.mark.parametrize("mask_threshold", [0.5, 0.3])
+def test_detr_postprocess_compiled_equals_numpy(monkeypatch, seed, queries, mask_hw, size,
+                                                coarse, mask_threshold):
+    logits, masks = detr_outputs(seed, queries, *mask_hw, coarse=coarse)
+    kwargs = dict(id2label={}, thing_ids={1, 2}, mask_threshold=mask_threshold,
+                  overlap_threshold=0.5, threshold=0.3)
+    fast = detr.postprocess(logits, masks, size, **kwargs)
+    monkeypatch.setattr(detr, "_assign_pixels_fast", lambda *a: None)
+    monkeypatch.setattr(detr, "_gather_rows", None)
+    plain = detr.postprocess(logits, masks, size, **kwargs)
+    assert fast.segments == plain.segments
+    assert fast.segmentation.dtype == plain.segmentation.dtype == np.int32
+    assert np.array_equal(fast.segmentation, plain.segmentation)
+    if size[0] * size[1] > 1 and not coarse:
+        assert plain.segments  # the case means something
+
+
+@needs_numba
+@pytest.mark.parametrize("coarse", [False, True])
+def test_detr_assignment_compiled_equals_numpy_owners_and_counts(coarse):
+    logits, masks = detr_outputs(7, 24, 40, 53, coarse=coarse)
+    scores = np.random.default_rng(7).uniform(0.5, 1.0, 24).astype(np.float32)
+    if coarse:
+        scores = np.round(scores, 1)  # equal scores: ties between queries
+    owner, confident, won, boxes = detr._assign_pixels_fast(masks, scores, 517, 389, 0.5)
+    plain_owner, plain_confident = detr._assign_pixels(masks, scores, 517, 389, 0.5)
+    assert np.array_equal(owner, plain_owner) and confident == plain_confident
+    assert len(np.unique(owner)) > 3
+    assert np.array_equal(won, np.bincount(plain_owner.ravel(), minlength=24))
+    for k in range(24):
+        if won[k]:
+            ys, xs = np.nonzero(plain_owner == k)
+            assert tuple(boxes[k]) == (ys.min(), xs.min(), ys.max(), xs.max())
+
+
+@needs_numba
+@pytest.mark.parametrize("in_shape", [(256, 256), (37, 53), (1, 5)])
+@pytest.mark.parametrize("out_shape", [(3000, 4000), (480, 640), (17, 9), (1, 1)])
+@pytest.mark.parametrize("threshold", [0.0, 0.3])
+def test_upsample_mask_compiled_equals_numpy(in_shape, out_shape, threshold):
+    logits = np.random.default_rng(sum(in_shape)).normal(0, 8, in_shape).astype(np.float32)
+    logits[0, 0] = threshold  # a value exactly at the threshold
+    fast = transforms.upsample_mask(logits, *out_shape, threshold=threshold)
+    plain = transforms.upsample_mask_reference(logits, *out_shape, threshold=threshold)
+    assert fast.dtype == plain.dtype == np.bool_
+    assert np.array_equal(fast, plain)
+
+
+@needs_numba
+def test_bilinear_columns_equal_bilinear_rows():
+    planes = np.random.default_rng(3).normal(0, 1, (5, 31, 47)).astype(np.float32)
+    for width in (1, 30, 47, 1001):
+        cols = transforms.bilinear_columns(planes, width)
+        for plane, got in zip(planes, cols):
+            assert np.array_equal(got, transforms.BilinearRows(plane, 9, width).cols)

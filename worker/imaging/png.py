@@ -18,14 +18,13 @@ large image is never made.
 
 from __future__ import annotations
 
-import os
 import struct
-import threading
 import zlib
-from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Callable, Optional, Sequence
 
 import numpy as np
+
+from worker.imaging import accel
 
 try:  # ISA-L's deflate: optional, zlib otherwise
     from isal import isal_zlib as _isal
@@ -103,12 +102,11 @@ def write_png(
     level: int = 1,
     row_filter: Optional[int] = None,
     icc_profile: Optional[bytes] = None,
-    executor: Optional[Executor] = None,
 ) -> bytes:
     """PNG bytes of ``source``. ``row_filter``: the PNG filter type of every row (default:
     Up for 8- and 16-bit images, None for 1-bit); ``level``: the deflate level (ISA-L's 0-3
     when it is installed, zlib's 0-9 otherwise); ``icc_profile`` adds an iCCP chunk as
-    Pillow writes it. Large images deflate on ``executor`` (default: a shared pool)."""
+    Pillow writes it. Large images deflate on the shared pool of ``accel``."""
     colour_type, depth, channels = LAYOUTS[source.mode]
     width, height = source.width, source.height
     if width < 1 or height < 1:
@@ -126,11 +124,7 @@ def write_png(
         ))
         for i, (y0, y1) in enumerate(pieces)
     ]
-    if len(jobs) == 1 or getattr(_in_pool, "active", False):
-        results = [job() for job in jobs]  # small, or already on a pool thread
-    else:
-        pool = executor if executor is not None else _shared_pool()
-        results = [f.result() for f in [pool.submit(_on_pool, job) for job in jobs]]
+    results = accel.run_all(jobs)  # one thread per core; inline for one piece
 
     out = [SIGNATURE, _chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, depth,
                                                   colour_type, 0, 0, 0))]
@@ -249,32 +243,6 @@ _crc32 = _isal.crc32 if _isal is not None else zlib.crc32
 def _chunk(kind: bytes, data: bytes) -> bytes:
     crc = _crc32(data, zlib.crc32(kind)) & 0xFFFFFFFF
     return b"".join((struct.pack(">I", len(data)), kind, data, struct.pack(">I", crc)))
-
-
-_pool: Optional[ThreadPoolExecutor] = None
-_pool_lock = threading.Lock()
-_in_pool = threading.local()
-
-
-def _on_pool(job: Callable[[], tuple]) -> tuple:
-    """Run ``job`` marked as on a pool thread: a PNG written from here (nested) is deflated
-    on this thread, never queued behind itself."""
-    _in_pool.active = True
-    try:
-        return job()
-    finally:
-        _in_pool.active = False
-
-
-def _shared_pool() -> ThreadPoolExecutor:
-    """Threads for deflating pieces, one per core (zlib and ISA-L release the GIL)."""
-    global _pool
-    with _pool_lock:
-        if _pool is None:
-            _pool = ThreadPoolExecutor(
-                max_workers=max(1, os.cpu_count() or 1), thread_name_prefix="segq-deflate"
-            )
-        return _pool
 
 
 def pieces_for(height: int, row_bytes: int) -> Sequence[tuple[int, int]]:

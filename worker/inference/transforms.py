@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image
 
 from config.errors import InvalidImage
+from worker.imaging import accel
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -77,8 +78,66 @@ def upsample_mask(
     logits: np.ndarray, height: int, width: int, threshold: float = 0.0
 ) -> np.ndarray:
     """``resize_bilinear(logits, height, width) > threshold`` as a bool mask, computed in
-    row blocks so the float image never exists at full size."""
+    row blocks so the float image never exists at full size (compiled, on a thread per
+    core, where numba is installed: 12 MP 14 -> ~4 ms; ``upsample_mask_reference`` is the
+    numpy path, and tests hold the two equal)."""
+    logits = np.asarray(logits, np.float32)
+    if _threshold_rows is None or logits.ndim != 2:
+        return upsample_mask_reference(logits, height, width, threshold)
+    cols = bilinear_columns(logits[None], width)[0]
+    r0, r1, rw0, rw1 = axis_weights(logits.shape[0], height)
+    out = np.empty((height, width), np.bool_)
+    # numpy compares a float32 array with a Python float in float32 (NEP 50)
+    limit = np.float32(threshold)
+    accel.split_rows(
+        lambda y0, y1: _threshold_rows(cols, r0, r1, rw0, rw1, limit, out, y0, y1), height
+    )
+    return out
+
+
+def upsample_mask_reference(
+    logits: np.ndarray, height: int, width: int, threshold: float = 0.0
+) -> np.ndarray:
+    """``upsample_mask`` in numpy, a block of rows at a time: the reference."""
     return _resize(np.asarray(logits, np.float32), height, width, threshold=threshold)
+
+
+def bilinear_columns(planes: np.ndarray, width: int) -> np.ndarray:
+    """``(n, h, w)`` float32 planes resized along their rows to ``width``: each plane's
+    ``BilinearRows.cols``, ``x[:, c0] * cw0 + x[:, c1] * cw1`` in float32 (compiled, on a
+    thread per core, with numba; the same two products and sum, rounded the same)."""
+    planes = np.ascontiguousarray(planes, np.float32)
+    c0, c1, cw0, cw1 = axis_weights(planes.shape[2], width)
+    if _column_rows is None:
+        return np.ascontiguousarray(planes[:, :, c0] * cw0 + planes[:, :, c1] * cw1)
+    n, h, _ = planes.shape
+    out = np.empty((n, h, width), np.float32)
+    flat_in, flat_out = planes.reshape(n * h, -1), out.reshape(n * h, width)
+    accel.split_rows(
+        lambda a, b: _column_rows(flat_in, c0, c1, cw0, cw1, flat_out, a, b),
+        n * h,
+        min_rows=16,
+    )
+    return out
+
+
+def _column_rows_py(x, c0, c1, cw0, cw1, out, y0, y1):  # pragma: no cover - numba
+    for y in range(y0, y1):
+        row, dst = x[y], out[y]
+        for j in range(dst.shape[0]):
+            dst[j] = row[c0[j]] * cw0[j] + row[c1[j]] * cw1[j]
+
+
+def _threshold_rows_py(cols, r0, r1, rw0, rw1, limit, out, y0, y1):  # pragma: no cover
+    for y in range(y0, y1):
+        a, b, w0, w1 = cols[r0[y]], cols[r1[y]], rw0[y], rw1[y]
+        dst = out[y]
+        for x in range(dst.shape[0]):
+            dst[x] = a[x] * w0 + b[x] * w1 > limit
+
+
+_column_rows = accel.kernel(_column_rows_py)
+_threshold_rows = accel.kernel(_threshold_rows_py)
 
 
 class BilinearRows:
