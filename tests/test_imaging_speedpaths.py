@@ -17,7 +17,8 @@ import pytest
 from PIL import Image
 
 from tests.support import images
-from worker.imaging import accel, encode, png
+from worker.imaging import accel, compose, encode, png
+from worker.imaging.decode import load_image
 from worker.imaging import masks as maskio
 from worker.inference import detr, transforms
 
@@ -260,3 +261,97 @@ def test_bilinear_columns_equal_bilinear_rows():
         cols = transforms.bilinear_columns(planes, width)
         for plane, got in zip(planes, cols):
             assert np.array_equal(got, transforms.BilinearRows(plane, 9, width).cols)
+
+
+def decoded(pixels: np.ndarray):
+    """A DecodedImage of an RGB or RGBA array, as load_image makes it."""
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="PNG")
+    return load_image(out.getvalue(), max_pixels=1 << 26, max_bytes=1 << 26, min_side=1)
+
+
+@needs_numba
+@pytest.mark.parametrize("channels", [3, 4])
+@pytest.mark.parametrize("crop", [False, True])
+@pytest.mark.parametrize("shape", [(131, 203), (1, 7), (67, 1), (300, 211)])
+def test_cutout_compiled_equals_pillow(channels, crop, shape, monkeypatch):
+    h, w = shape
+    pixels = RNG.integers(0, 256, (h, w, channels), dtype=np.uint8)
+    image = decoded(pixels)
+    mask = RNG.random(shape) < 0.5
+    mask[h // 2, w // 2] = True
+    fast = compose.cutout(image, mask, crop=crop)
+    monkeypatch.setattr(compose, "_cut_rows", None)
+    plain = compose.cutout(image, mask, crop=crop)
+    assert fast.mode == plain.mode == "RGBA" and fast.size == plain.size
+    assert np.array_equal(np.asarray(fast), np.asarray(plain))
+
+
+@needs_numba
+@pytest.mark.parametrize("kind", ["label map int32", "label map uint8", "masks"])
+@pytest.mark.parametrize("alpha", [0.5, 0.37, 1.0])
+def test_overlay_compiled_equals_numpy(kind, alpha, monkeypatch):
+    h, w = 157, 233
+    image = decoded(RNG.integers(0, 256, (h, w, 3), dtype=np.uint8))
+    labels = RNG.integers(0, 9, (h, w))
+    layers = {
+        "label map int32": labels.astype(np.int32),
+        "label map uint8": labels.astype(np.uint8),
+        "masks": [labels == i for i in range(1, 9)],
+    }[kind]
+    fast = compose.overlay(image, layers, alpha=alpha, outline=True)
+    monkeypatch.setattr(compose, "_tint_rows", None)
+    plain = compose.overlay(image, layers, alpha=alpha, outline=True)
+    assert fast.mode == plain.mode == "RGB"
+    assert np.array_equal(np.asarray(fast), np.asarray(plain))
+
+
+def rle_cases() -> list[np.ndarray]:
+    blob = np.zeros((97, 131), bool)
+    blob[20:60, 30:90] = True
+    return [
+        blob,
+        ~blob,
+        RNG.random((53, 71)) < 0.5,
+        np.ones((5, 6), bool),
+        np.zeros((5, 6), bool),
+        np.eye(9, dtype=bool),
+        RNG.random((1, 40)) < 0.5,
+        RNG.random((40, 1)) < 0.5,
+        np.ones((1, 1), bool),
+    ]
+
+
+@needs_numba
+@pytest.mark.parametrize("mask", rle_cases())
+def test_rle_compiled_equals_the_transposed_reference(mask):
+    assert maskio.rle_encode(mask) == maskio.rle_encode_reference(mask)
+    assert np.array_equal(maskio.rle_decode(maskio.rle_encode(mask)), mask)
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.uint16, np.uint8, np.int64])
+def test_rle_of_a_label_map_equals_one_mask_at_a_time(dtype):
+    labels = (RNG.random((83, 61)) * 5).astype(dtype)
+    labels[10:40, 5:50] = 7
+    ids = [1, 2, 3, 4, 7, 9]  # 9: absent
+    got = maskio.rle_encode_labels(labels, ids)
+    assert list(got) == ids
+    for i in ids:
+        assert got[i] == maskio.rle_encode_reference(labels == i)
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_model_input_in_bands_equals_one_resize(threads, monkeypatch):
+    """Bands are cut only where Pillow gives exactly the pixels of one resize."""
+    monkeypatch.setattr(accel, "THREADS", threads)
+    rng = np.random.default_rng(threads)
+    sizes = [(640, 480), (2000, 1500), (1600, 1200), (1200, 900), (480, 640), (1000, 3000)]
+    sizes += [tuple(int(v) for v in rng.integers(40, 2500, 2)) for _ in range(12)]
+    split_seen = 0
+    for w, h in sizes:
+        img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        for out in ((1024, 1024), detr.model_input_size(w, h)):
+            split_seen += len(transforms.resize_split((w, h), out)) > 2
+            fast = transforms.to_model_input(img, *out)
+            assert np.array_equal(fast, transforms.to_model_input_reference(img, *out)), (w, h)
+    assert split_seen >= 5
