@@ -355,3 +355,15 @@ def test_model_input_in_bands_equals_one_resize(threads, monkeypatch):
             fast = transforms.to_model_input(img, *out)
             assert np.array_equal(fast, transforms.to_model_input_reference(img, *out)), (w, h)
     assert split_seen >= 5
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.uint16, np.uint8, np.int64])
+def test_value_range_is_min_and_max(dtype):
+    values = RNG.integers(0, 200, (301, 157)).astype(dtype)
+    values[123, 45], values[7, 150] = 0, 201
+    assert compose.value_range(values) == (0, 201)
+    assert compose.value_range(values[:1, :1]) == (int(values[0, 0]),) * 2
+    assert compose.value_range(np.zeros((0, 4), dtype)) == (0, 0)
+    if np.issubdtype(dtype, np.signedinteger):
+        values[200, 3] = -5
+        assert compose.value_range(values) == (-5, 201)
