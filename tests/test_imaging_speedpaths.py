@@ -263,10 +263,13 @@ def test_bilinear_columns_equal_bilinear_rows():
             assert np.array_equal(got, transforms.BilinearRows(plane, 9, width).cols)
 
 
+ICC = b"an ICC profile's bytes, carried from input to output"
+
+
 def decoded(pixels: np.ndarray):
-    """A DecodedImage of an RGB or RGBA array, as load_image makes it."""
+    """A DecodedImage of an RGB or RGBA array with an ICC profile, as load_image makes it."""
     out = io.BytesIO()
-    Image.fromarray(pixels).save(out, format="PNG")
+    Image.fromarray(pixels).save(out, format="PNG", icc_profile=ICC)
     return load_image(out.getvalue(), max_pixels=1 << 26, max_bytes=1 << 26, min_side=1)
 
 
@@ -281,10 +284,16 @@ def test_cutout_compiled_equals_pillow(channels, crop, shape, monkeypatch):
     mask = RNG.random(shape) < 0.5
     mask[h // 2, w // 2] = True
     fast = compose.cutout(image, mask, crop=crop)
+    fused, size = compose.cutout_png(image, mask, crop=crop)
     monkeypatch.setattr(compose, "_cut_rows", None)
     plain = compose.cutout(image, mask, crop=crop)
-    assert fast.mode == plain.mode == "RGBA" and fast.size == plain.size
+    assert fast.mode == plain.mode == "RGBA" and fast.size == plain.size == size
     assert np.array_equal(np.asarray(fast), np.asarray(plain))
+    for data in (encode.encode_png(fast), fused):
+        back = reopen(data)
+        assert back.mode == "RGBA" and np.array_equal(np.asarray(back), np.asarray(plain))
+        assert back.info.get("icc_profile") == ICC
+    assert reopen(encode.encode_png(plain)).info.get("icc_profile") == ICC
 
 
 @needs_numba
@@ -300,10 +309,19 @@ def test_overlay_compiled_equals_numpy(kind, alpha, monkeypatch):
         "masks": [labels == i for i in range(1, 9)],
     }[kind]
     fast = compose.overlay(image, layers, alpha=alpha, outline=True)
+    fast_flat = compose.overlay(image, layers, alpha=alpha)
+    fused = compose.overlay_png(image, layers, alpha=alpha)
+    fused_outline = compose.overlay_png(image, layers, alpha=alpha, outline=True)
     monkeypatch.setattr(compose, "_tint_rows", None)
     plain = compose.overlay(image, layers, alpha=alpha, outline=True)
+    plain_flat = compose.overlay(image, layers, alpha=alpha)
     assert fast.mode == plain.mode == "RGB"
     assert np.array_equal(np.asarray(fast), np.asarray(plain))
+    assert np.array_equal(np.asarray(fast_flat), np.asarray(plain_flat))
+    assert np.array_equal(np.asarray(reopen(fused)), np.asarray(plain_flat))
+    assert np.array_equal(np.asarray(reopen(fused_outline)), np.asarray(plain))
+    plain_png = reopen(encode.encode_png(plain_flat))
+    assert reopen(fused).info.get("icc_profile") == plain_png.info.get("icc_profile")
 
 
 def rle_cases() -> list[np.ndarray]:
@@ -367,3 +385,15 @@ def test_value_range_is_min_and_max(dtype):
     if np.issubdtype(dtype, np.signedinteger):
         values[200, 3] = -5
         assert compose.value_range(values) == (-5, 201)
+
+
+def test_the_writer_reads_a_cutouts_array_only_while_the_image_still_shares_it():
+    pixels = RNG.integers(0, 256, (40, 30, 4), dtype=np.uint8)
+    img = Image.fromarray(pixels)
+    png.share_pixels(img, pixels)
+    assert png.shared_pixels(img) is pixels
+    assert np.array_equal(np.asarray(reopen(encode.encode_png(img))), pixels)
+    img.putpixel((0, 0), (1, 2, 3, 4))  # Pillow copies a mapped image before changing it
+    assert png.shared_pixels(img) is None
+    back = np.asarray(reopen(encode.encode_png(img)))
+    assert tuple(back[0, 0]) == (1, 2, 3, 4) and np.array_equal(back[1:], pixels[1:])

@@ -9,8 +9,9 @@ import numpy as np
 from PIL import Image
 
 from config.errors import InvalidMask
-from worker.imaging import accel
+from worker.imaging import accel, png
 from worker.imaging.decode import DecodedImage
+from worker.imaging.encode import encode_png
 from worker.imaging.masks import MAX_LABEL, as_mask, bbox, require_shape
 
 RGB = tuple[int, int, int]
@@ -40,17 +41,7 @@ def cutout(image: DecodedImage, mask: np.ndarray, *, crop: bool = False) -> Imag
     which is exact for a binary mask). ``crop`` cuts the result to the mask's bounding box;
     an empty mask has none, so that is ``InvalidMask`` rather than a silent 1x1 image.
     """
-    _require_full_resolution(image)
-    mask = as_mask(mask, (image.height, image.width))
-    source = image.rgba if image.rgba is not None else image.rgb
-    alpha = image.alpha
-    if crop:
-        box = bbox(mask)
-        if box is None:
-            raise InvalidMask("the mask is empty, so there is nothing to crop to")
-        x, y, w, h = box
-    else:
-        x, y, w, h = 0, 0, image.width, image.height
+    source, mask, alpha, (x, y, w, h) = _cutout_parts(image, mask, crop)
     if _cut_rows is None:
         return cutout_reference(source, mask, alpha, (x, y, w, h))
     # Compiled: each strip of the picture read out of Pillow and written with its alpha into
@@ -66,7 +57,52 @@ def cutout(image: DecodedImage, mask: np.ndarray, *, crop: bool = False) -> Imag
             _cut_rows(pixels, mask, alpha, out, start, stop)
 
     accel.split_rows(rows, h)
-    return Image.fromarray(out)  # RGBA, sharing the array's memory
+    picture = Image.fromarray(out)  # RGBA, sharing the array's memory
+    picture.info = source.info.copy()  # as convert() keeps it: an ICC profile goes along
+    png.share_pixels(picture, out)  # so the PNG writer reads the array itself
+    return picture
+
+
+def cutout_png(
+    image: DecodedImage, mask: np.ndarray, *, crop: bool = False
+) -> tuple[bytes, tuple[int, int]]:
+    """``(encode_png(cutout(image, mask, crop=crop)), its size)`` without the full-size
+    RGBA picture: each strip is composed where the PNG writer filters and deflates it, on
+    its threads. The same pixels (tested)."""
+    source, mask, alpha, (x, y, w, h) = _cutout_parts(image, mask, crop)
+    if _cut_rows is None:
+        return encode_png(cutout_reference(source, mask, alpha, (x, y, w, h))), (w, h)
+    mask = mask[y : y + h, x : x + w]
+    alpha = alpha[y : y + h, x : x + w] if alpha is not None else np.empty((0, 0), np.uint8)
+
+    def read(top: int, bottom: int) -> np.ndarray:
+        pixels = np.asarray(source.crop((x, y + top, x + w, y + bottom)))
+        out = png.strip_buffer((bottom - top, w, 4))
+        strip_alpha = alpha[top:bottom] if alpha.shape[0] else alpha
+        _cut_rows(pixels, mask[top:bottom], strip_alpha, out, 0, bottom - top)
+        return out
+
+    source.load()  # before the writer's threads read it
+    data = png.write_png(png.Source("RGBA", w, h, read), icc_profile=_icc(source))
+    return data, (w, h)
+
+
+def _cutout_parts(image: DecodedImage, mask: np.ndarray, crop: bool):
+    """(picture, mask, alpha or None, (x, y, width, height) of the cutout)."""
+    _require_full_resolution(image)
+    mask = as_mask(mask, (image.height, image.width))
+    source = image.rgba if image.rgba is not None else image.rgb
+    if crop:
+        box = bbox(mask)
+        if box is None:
+            raise InvalidMask("the mask is empty, so there is nothing to crop to")
+        return source, mask, image.alpha, tuple(box)
+    return source, mask, image.alpha, (0, 0, image.width, image.height)
+
+
+def _icc(img: Image.Image) -> Optional[bytes]:
+    """The ICC profile Pillow's PNG encoder would carry over from ``img``."""
+    return img.info.get("icc_profile")
 
 
 def cutout_reference(
@@ -135,6 +171,36 @@ def overlay(
         border = _borders(labels)
         out[border] = palette[labels[border]]
     return Image.fromarray(out)
+
+
+def overlay_png(
+    image: DecodedImage,
+    masks: Masks,
+    *,
+    alpha: float = 0.5,
+    outline: bool = False,
+    colors: Optional[Sequence[RGB]] = None,
+) -> bytes:
+    """``encode_png(overlay(...))`` without the full-size picture: each strip is tinted
+    where the PNG writer filters and deflates it, on its threads. The same pixels
+    (tested). With ``outline`` (borders need neighbouring rows) it composes first."""
+    if outline or _tint_rows is None:
+        return encode_png(overlay(image, masks, alpha=alpha, outline=outline, colors=colors))
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be within 0..1, got {alpha}")
+    _require_full_resolution(image)
+    labels, count = _label_map(masks, (image.height, image.width))
+    tables = np.ascontiguousarray(_blend_tables(_palette(count, colors), alpha).reshape(3, -1))
+    rgb, width = image.rgb, image.width
+
+    def read(top: int, bottom: int) -> np.ndarray:
+        base = np.asarray(rgb.crop((0, top, width, bottom)))
+        out = png.strip_buffer((bottom - top, width, 3))
+        _tint_rows(tables, labels[top:bottom], base, out, 0, bottom - top)
+        return out
+
+    rgb.load()
+    return png.write_png(png.Source("RGB", width, image.height, read))
 
 
 def _tint_reference(tinted: np.ndarray, labels: np.ndarray, base: np.ndarray) -> np.ndarray:

@@ -19,6 +19,7 @@ large image is never made.
 from __future__ import annotations
 
 import struct
+import threading
 import zlib
 from typing import Callable, Optional, Sequence
 
@@ -54,7 +55,9 @@ RowReader = Callable[[int, int], np.ndarray]
 class Source:
     """Rows of an image for the writer: ``read(y0, y1)`` gives rows ``y0:y1`` as a numpy
     array of shape ``(n, width)`` (``(n, width, channels)`` with channels): bool for
-    "1", uint8 for "L"/"RGB"/"RGBA", any integers within 0..65535 for "I;16"."""
+    "1", uint8 for "L"/"RGB"/"RGBA", any integers within 0..65535 for "I;16". The writer
+    is done with an array when it next calls ``read`` on the same thread, so a source may
+    hand out the same buffer again (``strip_buffer``)."""
 
     def __init__(self, mode: str, width: int, height: int, read: RowReader) -> None:
         if mode not in LAYOUTS:
@@ -75,9 +78,51 @@ class Source:
         mode = mode_of_image(img)
         if mode is None:
             raise ValueError(f"no PNG layout for Pillow mode {img.mode!r}")
+        shared = shared_pixels(img)
+        if shared is not None:
+            return cls.from_array(shared, mode)
         img.load()  # before threads read it: a lazy image must not load twice at once
         width, height = img.size
         return cls(mode, width, height, lambda y0, y1: np.asarray(img.crop((0, y0, width, y1))))
+
+
+SHARED_PIXELS = "_segq_pixels"
+
+
+def share_pixels(img, pixels: np.ndarray) -> None:
+    """Note on ``img`` (made by ``Image.fromarray(pixels)``, which maps an RGBA or L array
+    rather than copying it) that its memory is ``pixels``, so the writer reads the array."""
+    setattr(img, SHARED_PIXELS, pixels)
+
+
+def shared_pixels(img) -> Optional[np.ndarray]:
+    """The array ``img`` still shares its memory with, or None. Pillow copies a mapped
+    image before its first change (and marks it writable), so ``readonly`` says the
+    memory is still the array's."""
+    pixels = getattr(img, SHARED_PIXELS, None)
+    if pixels is None or not getattr(img, "readonly", 0):
+        return None
+    if pixels.shape[:2] != (img.height, img.width):
+        return None
+    return pixels
+
+
+_strips = threading.local()
+
+
+def strip_buffer(shape: tuple[int, ...], dtype=np.uint8) -> np.ndarray:
+    """A scratch array of ``shape`` for this thread, the same memory call after call: a
+    megabyte allocated and freed per strip would be fresh pages (page faults) each time."""
+    key = (tuple(shape), np.dtype(dtype).str)
+    cache = getattr(_strips, "cache", None)
+    if cache is None:
+        cache = _strips.cache = {}
+    buffer = cache.get(key)
+    if buffer is None:
+        if len(cache) > 8:
+            cache.clear()
+        buffer = cache[key] = np.empty(shape, dtype)
+    return buffer
 
 
 def mode_of_image(img) -> Optional[str]:
@@ -168,7 +213,7 @@ def _deflate_rows(
         compressor = zlib.compressobj(level, zlib.DEFLATED, -15)
         adler32, sync, finish = zlib.adler32, zlib.Z_SYNC_FLUSH, zlib.Z_FINISH
     strip = max(1, STRIP_BYTES // (row_bytes + 1))
-    buffer = np.empty((min(strip, y1 - y0), row_bytes + 1), np.uint8)
+    buffer = strip_buffer((min(strip, y1 - y0), row_bytes + 1))
     parts: list[bytes] = []
     adler = 1
     previous = source.read(y0 - 1, y0) if (y0 > 0 and row_filter == FILTER_UP) else None
@@ -179,7 +224,7 @@ def _deflate_rows(
         out[:, 0] = row_filter
         _filter_into(out[:, 1:], rows, previous, depth, row_filter)
         if row_filter == FILTER_UP:
-            previous = rows[-1:]
+            previous = rows[-1:].copy()  # the source may reuse its array for the next strip
         adler = adler32(out, adler)
         parts.append(compressor.compress(out))
     parts.append(compressor.flush(finish if last else sync))
