@@ -78,6 +78,30 @@ def _marked(job: Callable[[], Any]) -> Any:
         _on_pool_thread.active = False
 
 
+def warm_imaging_kernels() -> None:
+    """Compile (or load from numba's disk cache) the imaging kernels for the array types
+    the pipelines use, so the first job does not pay for it; a no-op without numba."""
+    if not ENABLED:
+        return
+    import numpy as np
+    from PIL import Image
+
+    from worker.imaging import compose, masks
+    from worker.imaging.decode import DecodedImage
+
+    rgb = Image.new("RGB", (4, 4), (10, 20, 30))
+    image = DecodedImage(rgb=rgb, alpha=None, width=4, height=4, format="PNG", mode="RGB")
+    mask = np.eye(4, dtype=bool)
+    compose.cutout(image, mask)
+    compose.cutout_png(image, mask)
+    for labels in (mask.astype(np.int32), mask.astype(np.uint16)):
+        compose.overlay(image, labels)
+        compose.overlay_png(image, labels)
+        masks.rle_encode_labels(labels, [1])
+    compose.overlay(image, [mask])
+    masks.rle_encode(mask)
+
+
 def split_rows(fn: Callable[[int, int], Any], height: int, *, min_rows: int = 64,
                pieces: Optional[int] = None) -> list[Any]:
     """``fn(y0, y1)`` over consecutive row ranges covering ``0..height``, in parallel:

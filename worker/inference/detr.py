@@ -324,13 +324,14 @@ _assign_rows = accel.kernel(_assign_rows_py)
 
 
 def warm_kernels() -> None:
-    """Compile the post-processing kernels now (a no-op without numba): the first job
-    should not pay numba's compile time (about 1 s; a few ms from its disk cache)."""
+    """Compile the post-processing and imaging kernels now (a no-op without numba): the
+    first job should not pay numba's compile time (seconds; less from its disk cache)."""
     scores = np.array([0.9, 0.8], np.float32)
     masks = np.zeros((2, 2, 2), np.float32)
     if _assign_pixels_fast(masks, scores, 3, 3, 0.5) is not None:
         _segment_map(np.arange(2, dtype=np.int32), np.zeros((3, 3), np.uint8))
     upsample_mask(masks[0], 3, 3)
+    accel.warm_imaging_kernels()
 
 
 def _segment_map(segment_of: np.ndarray, owner: np.ndarray) -> np.ndarray:
