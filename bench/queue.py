@@ -198,6 +198,96 @@ def bench_queue(
     }
 
 
+MEMORY_JOBS = ("segment", "panoptic", "cutout", "overlay")
+
+
+def bench_memory(
+    models: Path,
+    redis: RedisServer,
+    s3: S3Server,
+    photo: bytes,
+    *,
+    rounds: int = 2,
+    settings_overrides: Optional[dict[str, Any]] = None,
+    log: Callable[[str], None] = lambda line: None,
+) -> dict[str, Any]:
+    """A worker with both models (the deployed defaults) runs each job type on ``photo``
+    one at a time, ``rounds`` times over. Before each job the kernel's peak-RSS counter of
+    the worker is reset (``/proc/PID/clear_refs``), so each job has its own peak; after it,
+    the RSS it settles at. Returns MB: after start (models loaded and warmed up), and per
+    job type the highest peak and the last steady value, with the overall peak."""
+    settings = Settings(
+        redis_url=redis.url,
+        s3_endpoint_url=s3.endpoint_url,
+        s3_region=s3.region,
+        input_bucket=INPUT_BUCKET,
+        output_bucket=OUTPUT_BUCKET,
+        output_prefix=f"bench/{uuid.uuid4().hex[:8]}/",
+        sam2_dir=models / "sam2",
+        detr_dir=models / "detr",
+        **(settings_overrides or {}),
+    )
+    client = SegmentationClient(settings)
+    worker = Worker(settings, s3, pool=settings.pool, concurrency=settings.concurrency)
+    width, height = _size(photo)
+    prompt = {"point": [width * 0.5, height * 0.5]}
+    jobs: dict[str, dict[str, float]] = {}
+    try:
+        worker.wait_ready()
+        pid = worker.proc.pid
+        started = {"rss_mb": _rss(pid) / 2**20, "peak_mb": _peak(pid) / 2**20}
+        for r in range(rounds):
+            for task in MEMORY_JOBS:
+                uri = client.upload(photo, f"bench/{uuid.uuid4().hex}.jpg")
+                _reset_peak(pid)
+                if task == "panoptic":
+                    job = client.panoptic(uri)
+                elif task == "overlay":
+                    job = client.overlay(uri)  # panoptic segments, the default layers
+                else:
+                    job = getattr(client, task)(uri, prompt)
+                status = job.wait(timeout=600)
+                if status.state != JobState.succeeded:
+                    raise RuntimeError(f"{task} job ended {status.state}: {status.error}")
+                peak, steady = _peak(pid) / 2**20, _rss(pid) / 2**20
+                entry = jobs.setdefault(task, {"peak_mb": 0.0})
+                entry["peak_mb"] = max(entry["peak_mb"], peak)
+                entry["steady_mb"] = steady
+                log(f"    round {r + 1}/{rounds} {task}: peak {peak:.0f} MB, after {steady:.0f} MB")
+    finally:
+        worker.stop()
+    return {
+        "photo": f"{width}x{height}",
+        "settings": settings_overrides or {},
+        "after_start": started,
+        "jobs": jobs,
+        "peak_mb": max(j["peak_mb"] for j in jobs.values()),
+        "steady_mb": max(j["steady_mb"] for j in jobs.values()),
+    }
+
+
+def _peak(pid: int) -> int:
+    """The process's peak RSS (VmHWM) in bytes, since start or the last ``_reset_peak``."""
+    return _status_kb(pid, "VmHWM:") * 1024
+
+
+def _reset_peak(pid: int) -> None:
+    try:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")  # 5: reset the peak RSS
+    except OSError:
+        pass
+
+
+def _status_kb(pid: int, field: str) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
 def _job_ms(status: Any) -> float:
     return 1000 * (status.finished_at - status.created_at)
 
@@ -220,13 +310,7 @@ def _settings_env(settings: Settings) -> dict[str, str]:
 
 
 def _rss(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    return _status_kb(pid, "VmRSS:") * 1024
 
 
 def _children_rss(pid: int) -> list[int]:

@@ -32,13 +32,14 @@ from typing import Any, Optional, Sequence
 import onnxruntime as ort
 
 from bench.pipeline import PHOTO_SIZES, bench_pipelines, photo_jpeg
-from bench.queue import bench_queue, local_services
+from bench.queue import bench_memory, bench_queue, local_services
 from bench.raw_models import bench_raw, cpu_name, format_table
 from bench.vs_transformers import TORCH_PYTHON, bench_vs_transformers
 from config.settings import Settings
 
 RESULTS = Path(__file__).resolve().parent / "results"
 QUEUE_PHOTO = PHOTO_SIZES["3 MP"]
+MEMORY_PHOTO = PHOTO_SIZES["12 MP"]
 # (pool, concurrency, onnxruntime intra-op threads; 0 = the default) compared without --quick
 POOL_MATRIX = [
     ("threads", 2, 1),
@@ -139,8 +140,17 @@ def run(args: argparse.Namespace, say=print) -> dict[str, Any]:
                 )
                 for pool, concurrency, threads in configs
             ]
+            say(
+                f"\n4b. worker memory: both models, {MEMORY_PHOTO[0]}x{MEMORY_PHOTO[1]} jobs of "
+                "every type, peak and steady RSS per job"
+            )
+            report["memory"] = bench_memory(
+                args.models, redis, s3, photo_jpeg(*MEMORY_PHOTO),
+                rounds=1 if args.quick else 2, log=say,
+            )
         report["queue"], report["pool_matrix"] = runs[0], runs
         say(format_queue(runs))
+        say(format_memory(report["memory"]))
 
     if not args.no_torch:
         say(
@@ -188,6 +198,17 @@ def format_queue(runs: list[dict[str, Any]]) -> str:
             f"{r['ratio_to_pipeline']:>9.3f}{r['burst']['jobs_per_s']:>8.2f}"
             f"{r['burst']['latency_ms']['p50']:>10.0f}{r['rss_mb']:>8.0f}"
         )
+    return "\n".join(lines)
+
+
+def format_memory(result: dict[str, Any]) -> str:
+    start = result["after_start"]
+    lines = [f"worker RSS after start {start['rss_mb']:.0f} MB (peak {start['peak_mb']:.0f})"]
+    for job, j in result["jobs"].items():
+        lines.append(f"  {job:<9} peak {j['peak_mb']:>6.0f} MB   after {j['steady_mb']:>6.0f} MB")
+    lines.append(
+        f"  all       peak {result['peak_mb']:>6.0f} MB   after {result['steady_mb']:>6.0f} MB"
+    )
     return "\n".join(lines)
 
 

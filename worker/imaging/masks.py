@@ -15,7 +15,7 @@ from PIL import Image
 
 from config.errors import InvalidMask
 from config.settings import Settings
-from worker.imaging.encode import FLAT_STRATEGY, encode_png
+from worker.imaging import accel, png
 
 MAX_LABEL = 0xFFFF  # a 16-bit PNG holds the ids
 # No mask can be larger than the largest image a deployment accepts by default.
@@ -72,6 +72,16 @@ def rle_encode(mask: np.ndarray) -> dict[str, list[int]]:
     """
     mask = as_mask(mask)
     height, width = mask.shape
+    if _count_changes is None or mask.size == 0:
+        return rle_encode_reference(mask)
+    positions, _, _ = _changes(mask.view(np.uint8))
+    return {"size": [height, width], "counts": _runs(positions, mask.size, bool(mask[0, 0]))}
+
+
+def rle_encode_reference(mask: np.ndarray) -> dict[str, list[int]]:
+    """``rle_encode`` on the transposed, flattened mask: the reference."""
+    mask = as_mask(mask)
+    height, width = mask.shape
     flat = mask.ravel(order="F")
     if flat.size == 0:
         return {"size": [height, width], "counts": []}
@@ -81,6 +91,83 @@ def rle_encode(mask: np.ndarray) -> dict[str, list[int]]:
     if flat[0]:
         counts = np.concatenate(([0], counts))
     return {"size": [height, width], "counts": counts.tolist()}
+
+
+def rle_encode_labels(labels: np.ndarray, ids: Any) -> dict[int, dict[str, list[int]]]:
+    """``rle_encode(labels == i)`` for each ``i`` in ``ids``, from one pass over the label
+    map: every place where the label changes (in COCO's column-major order) is a run
+    boundary of the segments on either side of it."""
+    labels = np.asarray(labels)
+    if labels.ndim != 2 or not np.issubdtype(labels.dtype, np.integer):
+        raise InvalidMask(f"a label map must be a 2-D integer array, got {labels.dtype}")
+    ids = [int(i) for i in ids]
+    if _count_changes is None or labels.size == 0:
+        return {i: rle_encode_reference(labels == i) for i in ids}
+    height, width = labels.shape
+    positions, before, after = _changes(labels)
+    out = {}
+    for i in ids:
+        at = positions[(before == i) | (after == i)]
+        out[i] = {"size": [height, width], "counts": _runs(at, labels.size, labels[0, 0] == i)}
+    return out
+
+
+def _runs(positions: np.ndarray, total: int, first_set: bool) -> list[int]:
+    """COCO counts from the sorted positions where the value changes."""
+    edges = np.empty(positions.size + 2, np.int64)
+    edges[0], edges[-1] = 0, total
+    edges[1:-1] = positions
+    counts = np.diff(edges)
+    return ([0] if first_set else []) + counts.tolist()
+
+
+def _changes(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(positions in column-major order where ``values`` differs from the value before,
+    ascending; the value before; the value there). Counted per column, then written per
+    column in row order, so no transposed copy of the image is made."""
+    height, width = values.shape
+    per_column = np.zeros(width, np.int64)
+    _count_changes(values, per_column)
+    offsets = np.zeros(width + 1, np.int64)
+    np.cumsum(per_column, out=offsets[1:])
+    n = int(offsets[-1])
+    positions = np.empty(n, np.int64)
+    before, after = np.empty(n, values.dtype), np.empty(n, values.dtype)
+    _fill_changes(values, offsets, positions, before, after)
+    return positions, before, after
+
+
+def _count_changes_py(values, per_column):  # pragma: no cover - numba
+    height, width = values.shape
+    for x in range(1, width):  # a column's first pixel against the previous column's last
+        per_column[x] += values[0, x] != values[height - 1, x - 1]
+    for y in range(1, height):
+        above, row = values[y - 1], values[y]
+        for x in range(width):
+            per_column[x] += above[x] != row[x]
+
+
+def _fill_changes_py(values, offsets, positions, before, after):  # pragma: no cover
+    height, width = values.shape
+    slot = offsets[:-1].copy()
+    for x in range(1, width):
+        if values[0, x] != values[height - 1, x - 1]:
+            i = slot[x]
+            positions[i] = x * height
+            before[i], after[i] = values[height - 1, x - 1], values[0, x]
+            slot[x] = i + 1
+    for y in range(1, height):
+        above, row = values[y - 1], values[y]
+        for x in range(width):
+            if above[x] != row[x]:
+                i = slot[x]
+                positions[i] = x * height + y
+                before[i], after[i] = above[x], row[x]
+                slot[x] = i + 1
+
+
+_count_changes = accel.kernel(_count_changes_py)
+_fill_changes = accel.kernel(_fill_changes_py)
 
 
 def rle_decode(rle: Any) -> np.ndarray:
@@ -116,7 +203,7 @@ def _is_count(value: Any) -> bool:
 
 def mask_to_png(mask: np.ndarray) -> bytes:
     """The mask as a 1-bit PNG (white inside)."""
-    return encode_png(Image.fromarray(as_mask(mask)), strategy=FLAT_STRATEGY)
+    return png.write_png(png.Source.from_array(as_mask(mask), "1"))
 
 
 def mask_from_png(
@@ -151,7 +238,8 @@ def label_map_to_png(segmentation: np.ndarray) -> bytes:
         )
     if labels.size and (labels.min() < 0 or labels.max() > MAX_LABEL):
         raise InvalidMask(f"segment ids must be within 0..{MAX_LABEL} to fit a 16-bit PNG")
-    return encode_png(Image.fromarray(labels.astype(np.uint16)), strategy=FLAT_STRATEGY)
+    # rows are cast to 16 bits a strip at a time, never as a second full-size array
+    return png.write_png(png.Source.from_array(labels, "I;16"))
 
 
 def label_map_from_png(
