@@ -179,6 +179,11 @@ class Settings(BaseSettings):
         1.0, description="First retry delay for transient faults (exponential, full jitter)."
     )
     retry_backoff_max_s: float = Field(60.0, description="Cap on one retry delay.")
+    worker_heartbeat_ttl_s: float = Field(
+        15.0,
+        description="A worker whose heartbeat is older than this is taken for dead: jobs "
+        "stop being routed to it and its unfinished jobs go back to the queues.",
+    )
     pool: str = Field("threads", description="Celery pool: threads, prefork or solo.")
     concurrency: int = Field(
         1,

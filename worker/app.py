@@ -60,9 +60,19 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> SegqCel
         # what this child loaded and that a probe inference ran here.
         app.runtime.report_child_ready(str(sender))
 
+    def beat(sender: Any = None, **_: object) -> None:
+        if getattr(sender, "app", None) is app:  # the consumer, in the main process
+            app.runtime.start_heartbeat(sender.hostname, sorted(app.amqp.queues.consume_from))
+
+    def stop_beating(sender: Any = None, **_: object) -> None:
+        if getattr(sender, "app", None) is app:
+            app.runtime.stop_heartbeat()
+
     # weak=False: the handlers live as long as the app, not as long as this call
     signals.worker_init.connect(load_in_worker, weak=False)
     signals.worker_process_init.connect(load_in_child, weak=False)
+    signals.worker_ready.connect(beat, weak=False)
+    signals.worker_shutdown.connect(stop_beating, weak=False)
     return app
 
 

@@ -20,6 +20,7 @@ from typing import Optional
 from config.settings import Settings
 from config.status import StatusStore
 from config.storage import Storage
+from config.workers import Heartbeat, WorkerRegistry
 from worker import metrics
 from worker.inference.registry import ModelRegistry
 from worker.pipelines import Pipelines
@@ -38,6 +39,8 @@ class Runtime:
         self.pipelines = Pipelines(settings, models=self.models)
         self.storage = Storage(settings)
         self.status = StatusStore(settings.redis_url, ttl_s=settings.status_ttl_s)
+        self.workers = WorkerRegistry(self.status.redis, ttl_s=settings.worker_heartbeat_ttl_s)
+        self.heartbeat: Optional[Heartbeat] = None
         self.providers: dict[str, str] = {}
         self.load_seconds: float = 0.0
         self.ready = False
@@ -62,6 +65,17 @@ class Runtime:
             self.load_seconds,
             ", ".join(f"{m} on {p}" for m, p in self.providers.items()) or "none",
         )
+
+    def start_heartbeat(self, hostname: str, queues: list[str]) -> None:
+        """Beat for this worker process from now on (once it consumes)."""
+        if self.heartbeat is None:
+            self.heartbeat = Heartbeat(self.workers, hostname, {"queues": queues}).start()
+
+    def stop_heartbeat(self) -> None:
+        """A warm shutdown: this worker is gone at once, not after its heartbeat expires."""
+        if self.heartbeat is not None:
+            self.heartbeat.stop(gone=True)
+            self.heartbeat = None
 
     def health(self) -> dict:
         """Readiness for ``segq health``: models loaded and a small inference that
