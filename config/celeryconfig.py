@@ -61,7 +61,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_reject_on_worker_lost": True,
         "task_acks_on_failure_or_timeout": True,
         "worker_prefetch_multiplier": 1,
-        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        # A job rides out a broker outage (its status writes wait for Redis) and finishes;
+        # cancelling it would only make it run again. A lost acknowledgement is repaired
+        # by the worker's recovery sweep (worker.recovery).
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
         "task_soft_time_limit": settings.soft_time_limit_s,
         "task_time_limit": settings.time_limit_s,
         "task_track_started": False,

@@ -421,6 +421,7 @@ class JobStatus(BaseModel):
     started_at: Optional[float] = None
     finished_at: Optional[float] = None
     attempts: int = 0
+    retrying_since: Optional[float] = None  # first transient fault of the current run of retries
     worker: Optional[str] = None
     stage: Optional[str] = None
     result: Optional[dict[str, Any]] = None

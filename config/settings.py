@@ -174,11 +174,15 @@ class Settings(BaseSettings):
     max_deliveries: int = Field(
         3, description="Deliveries of one job before it ends failed/worker_lost."
     )
-    max_retries: int = Field(5, description="Retries of a job on transient faults.")
+    retry_budget_s: float = Field(
+        900.0,
+        description="How long a job keeps being retried through transient faults (S3, "
+        "Redis, the broker) before it fails; outages shorter than this lose nothing.",
+    )
     retry_backoff_s: float = Field(
         1.0, description="First retry delay for transient faults (exponential, full jitter)."
     )
-    retry_backoff_max_s: float = Field(60.0, description="Cap on one retry delay.")
+    retry_backoff_max_s: float = Field(30.0, description="Cap on one retry delay.")
     worker_heartbeat_ttl_s: float = Field(
         15.0,
         description="A worker whose heartbeat is older than this is taken for dead: jobs "

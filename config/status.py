@@ -33,36 +33,47 @@ from redis.retry import Retry
 from config.contract import IDEMPOTENCY_KEY, JobErrorInfo, JobState, JobStatus, status_key
 from config.errors import InvalidTransition, JobNotFound, QueueUnavailable
 
-# Reconnect with backoff for about 17 s in all (0.05 s doubling up to 2 s per try):
-# long enough for Redis to restart and reload its AOF, short enough to surface an outage.
-RECONNECT_RETRIES = 12
+# A producer rides out about 17 s of Redis outage (long enough for Redis to restart and
+# reload its AOF) before it says queue_unavailable; a worker, whose job is already
+# accepted, waits up to its retry budget instead.
+PRODUCER_RECONNECT_S = 17.0
 RECONNECT_BACKOFF = dict(base=0.05, cap=2.0)
 # A connection idle this long is PINGed before use, so a dead one is replaced up front.
 HEALTH_CHECK_INTERVAL_S = 15
 
 
 class _Retry(Retry):
-    """``Retry`` that gives up at once on a wrong or missing password: redis-py files
-    ``AuthenticationError`` under ``ConnectionError``, and no backoff fixes a password."""
+    """``Retry`` on a time budget rather than a count, that gives up at once on a wrong or
+    missing password: redis-py files ``AuthenticationError`` under ``ConnectionError``,
+    and no backoff fixes a password."""
+
+    def __init__(self, budget_s: float) -> None:
+        super().__init__(ExponentialBackoff(**RECONNECT_BACKOFF), retries=-1)
+        self.budget_s = budget_s
 
     def call_with_retry(self, do, fail, is_retryable=None, with_failure_count=False):  # type: ignore[no-untyped-def]
+        deadline = time.monotonic() + self.budget_s
+
         def retryable(error: Exception) -> bool:
-            return not isinstance(error, AuthenticationError) and (
-                is_retryable is None or is_retryable(error)
+            return (
+                not isinstance(error, AuthenticationError)
+                and time.monotonic() < deadline
+                and (is_retryable is None or is_retryable(error))
             )
 
         return super().call_with_retry(do, fail, retryable, with_failure_count)
 
 
-def redis_client(url: str) -> redis.Redis:
+def redis_client(url: str, *, reconnect_budget_s: float = PRODUCER_RECONNECT_S) -> redis.Redis:
     """A client that survives a Redis restart: commands retry on connection errors and
-    timeouts with exponential backoff. ``redis://:password@host/0`` and ``rediss://``
-    (TLS) URLs work as they are."""
+    timeouts with exponential backoff (capped at 2 s a try) for up to
+    ``reconnect_budget_s``. ``redis://:password@host/0`` and ``rediss://`` (TLS) URLs
+    work as they are."""
     return redis.Redis.from_url(
         url,
         health_check_interval=HEALTH_CHECK_INTERVAL_S,
         socket_keepalive=True,
-        retry=_Retry(ExponentialBackoff(**RECONNECT_BACKOFF), RECONNECT_RETRIES),
+        retry=_Retry(reconnect_budget_s),
         retry_on_error=[ConnectionError, TimeoutError],
     )
 
@@ -87,9 +98,19 @@ def _text(value: Union[bytes, str]) -> str:
 class StatusStore:
     """Reads and changes job records. Thread-safe (redis-py's connection pool)."""
 
-    def __init__(self, redis_client_or_url: Union[redis.Redis, str], *, ttl_s: int) -> None:
+    def __init__(
+        self,
+        redis_client_or_url: Union[redis.Redis, str],
+        *,
+        ttl_s: int,
+        reconnect_budget_s: float = PRODUCER_RECONNECT_S,
+    ) -> None:
+        """``reconnect_budget_s``: how long a command waits through a Redis outage before
+        it raises (short for producers, the retry budget for workers)."""
         if isinstance(redis_client_or_url, str):
-            redis_client_or_url = redis_client(redis_client_or_url)
+            redis_client_or_url = redis_client(
+                redis_client_or_url, reconnect_budget_s=reconnect_budget_s
+            )
         self.redis = redis_client_or_url
         self.ttl_s = ttl_s
 
@@ -183,7 +204,7 @@ class StatusStore:
             return job.model_copy(
                 update=dict(
                     state=JobState.succeeded, result=result, timings=dict(timings),
-                    finished_at=now, stage=None, error=None,
+                    finished_at=now, stage=None, error=None, retrying_since=None,
                 )
             )  # fmt: skip
 
@@ -211,8 +232,11 @@ class StatusStore:
         def change(job: JobStatus, now: float) -> JobStatus:
             _require(job, "requeue", JobState.running)
             return job.model_copy(
-                update=dict(state=JobState.queued, stage=f"retrying: {reason}", worker=None)
-            )
+                update=dict(
+                    state=JobState.queued, stage=f"retrying: {reason}", worker=None,
+                    retrying_since=job.retrying_since or now,
+                )
+            )  # fmt: skip
 
         return self._transition(job_id, change)
 

@@ -15,7 +15,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Optional
 
 import redis
@@ -65,13 +65,19 @@ class WorkerRegistry:
 
 
 class Heartbeat:
-    """A daemon thread beating for one worker every ``ttl_s / 5`` seconds until ``stop``.
-    A Redis outage only delays beats: the thread logs and tries again."""
+    """A daemon thread beating for one worker every ``ttl_s / 5`` seconds until ``stop``,
+    with ``info()`` in each beat (what the worker holds, say). A Redis outage only delays
+    beats: the thread logs and tries again."""
 
-    def __init__(self, registry: WorkerRegistry, hostname: str, info: Optional[dict] = None) -> None:
+    def __init__(
+        self,
+        registry: WorkerRegistry,
+        hostname: str,
+        info: Callable[[], dict[str, Any]] = dict,
+    ) -> None:
         self.registry = registry
         self.hostname = hostname
-        self.info = info or {}
+        self.info = info
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="segq-heartbeat", daemon=True)
 
@@ -93,7 +99,7 @@ class Heartbeat:
         interval = max(0.2, self.registry.ttl_s / 5)
         while not self._stop.is_set():
             try:
-                self.registry.beat(self.hostname, self.info)
+                self.registry.beat(self.hostname, self.info())
             except redis.RedisError as err:
                 log.warning("heartbeat of %s not written: %s", self.hostname, err)
             self._stop.wait(interval)

@@ -39,7 +39,7 @@ VISIBILITY_S = 8
 MAX_DELIVERIES = 3
 SETTINGS = dict(
     visibility_timeout_s=VISIBILITY_S, time_limit_s=VISIBILITY_S - 2, soft_time_limit_s=VISIBILITY_S - 3,
-    max_deliveries=MAX_DELIVERIES, max_retries=20,
+    max_deliveries=MAX_DELIVERIES,
 )
 MISSING_BUCKET = "segq-no-such-bucket"  # allowed as an input, never created
 POISON = ["tests.support.poison"]

@@ -13,7 +13,7 @@ from tests.support.stack import Stack
 
 def test_a_heartbeat_keeps_a_worker_alive_past_its_ttl_and_stop_removes_it(redis_url: str) -> None:
     registry = WorkerRegistry(redis.Redis.from_url(redis_url), ttl_s=0.5)
-    beat = Heartbeat(registry, "w1@test", {"queues": ["q"]}).start()
+    beat = Heartbeat(registry, "w1@test", lambda: {"queues": ["q"]}).start()
     time.sleep(1.2)  # more than two TTLs
     assert registry.alive(["w1@test", "w2@test"]) == {"w1@test"}
     assert registry.all_alive()["w1@test"]["queues"] == ["q"]

@@ -25,6 +25,7 @@ from celery.worker.control import control_command
 
 from config.celeryconfig import celery_config
 from config.settings import Settings
+from worker.recovery import Recovery, held_job_ids
 from worker.runtime import Runtime
 
 log = logging.getLogger("segq.worker")
@@ -34,6 +35,7 @@ class SegqCelery(Celery):
     """A Celery app that carries the worker's ``Runtime`` (tasks reach it as ``self.app.runtime``)."""
 
     runtime: Runtime
+    recovery: "Recovery | None"
 
 
 def create_app(settings: Settings, *, runtime: Runtime | None = None) -> SegqCelery:
@@ -46,6 +48,7 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> SegqCel
     app.config_from_object(celery_config(settings))
     app.conf.worker_consumer = "worker.hardening:Consumer"
     app.runtime = runtime or Runtime(settings)
+    app.recovery = None
     tasks.register(app)
 
     def load_in_worker(sender: Any = None, **_: object) -> None:
@@ -61,11 +64,17 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> SegqCel
         app.runtime.report_child_ready(str(sender))
 
     def beat(sender: Any = None, **_: object) -> None:
-        if getattr(sender, "app", None) is app:  # the consumer, in the main process
-            app.runtime.start_heartbeat(sender.hostname, sorted(app.amqp.queues.consume_from))
+        if getattr(sender, "app", None) is not app:  # the consumer, in the main process
+            return
+        queues = sorted(app.amqp.queues.consume_from)
+        app.runtime.start_heartbeat(sender.hostname, lambda: {"queues": queues, "held": held_job_ids()})
+        if Recovery.applies(app) and app.recovery is None:
+            app.recovery = Recovery(app, app.runtime.workers, app.runtime.status).start()
 
     def stop_beating(sender: Any = None, **_: object) -> None:
         if getattr(sender, "app", None) is app:
+            if app.recovery is not None:
+                app.recovery.stop()
             app.runtime.stop_heartbeat()
 
     # weak=False: the handlers live as long as the app, not as long as this call

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import numpy as np
+import redis
 from celery.exceptions import SoftTimeLimitExceeded
 
 from config.contract import (
@@ -48,6 +49,11 @@ class RetryLater(Exception):
         super().__init__(str(error))
         self.error = error
         self.countdown = countdown
+
+
+class LeaveQueued(Exception):
+    """Neither success nor failure can be recorded (Redis is away): the caller should put
+    the message back on its queue instead of acknowledging it."""
 
 
 @dataclass
@@ -103,15 +109,24 @@ def execute(runtime: Runtime, payload: Any, delivery: Delivery) -> Optional[dict
 
         result, timings = run_job(runtime, request, job_id, on_stage=on_stage)
     except SegqError as err:
-        if err.retryable and delivery.retries < settings.max_retries:
-            countdown = full_jitter(
-                delivery.retries, settings.retry_backoff_s, settings.retry_backoff_max_s
+        if err.retryable:
+            retrying_for = time.time() - (record.retrying_since or time.time())
+            if retrying_for < settings.retry_budget_s:
+                countdown = full_jitter(
+                    delivery.retries, settings.retry_backoff_s, settings.retry_backoff_max_s
+                )
+                reason = f"{err.code}: {err.message}"
+                if not _still_ours(lambda: status.requeue(job_id, reason), job_id):
+                    return None
+                metrics.RETRIES.labels(request.task, err.code).inc()
+                log.warning("job %s: %s; retry %d in %.1fs (retrying for %.0fs)",
+                            job_id, err, delivery.retries + 1, countdown, retrying_for)  # fmt: skip
+                raise RetryLater(err, countdown) from err
+            err = type(err)(
+                f"{err.message}; gave up after retrying for {retrying_for:.0f} s "
+                f"(SEGQ_RETRY_BUDGET_S={settings.retry_budget_s:g})",
+                **err.details,
             )
-            if not _still_ours(lambda: status.requeue(job_id, f"{err.code}: {err.message}"), job_id):
-                return None
-            metrics.RETRIES.labels(request.task, err.code).inc()
-            log.warning("job %s: %s; retry %d in %.1fs", job_id, err, delivery.retries + 1, countdown)
-            raise RetryLater(err, countdown) from err
         _fail(runtime, job_id, request.task, err, request.callback_url)
         log.info("job %s failed: %s", job_id, err)
         return None
@@ -120,6 +135,11 @@ def execute(runtime: Runtime, payload: Any, delivery: Delivery) -> Optional[dict
         err = JobTimeout(f"the job ran past its {limit}s time limit")
         _fail(runtime, job_id, request.task, err, request.callback_url)
         return None
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        # Redis stayed away past the retry budget: not the job's fault, and no status can
+        # be written now. Leave the message for the queue rather than record a failure.
+        log.error("job %s: Redis unreachable (%s); the job goes back to the queue", job_id, exc)
+        raise LeaveQueued(str(exc)) from exc
     except Exception as exc:  # noqa: BLE001  the worker must survive any single job
         log.exception("job %s crashed", job_id)
         err = SegqError(f"{type(exc).__name__}: {exc}")

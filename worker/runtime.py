@@ -15,7 +15,7 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
-from typing import Optional
+from typing import Any, Callable, Optional
 
 from config.settings import Settings
 from config.status import StatusStore
@@ -38,7 +38,12 @@ class Runtime:
         self.models = models if models is not None else ModelRegistry(settings)
         self.pipelines = Pipelines(settings, models=self.models)
         self.storage = Storage(settings)
-        self.status = StatusStore(settings.redis_url, ttl_s=settings.status_ttl_s)
+        # a job already accepted waits through a Redis outage rather than failing for it
+        self.status = StatusStore(
+            settings.redis_url,
+            ttl_s=settings.status_ttl_s,
+            reconnect_budget_s=settings.retry_budget_s,
+        )
         self.workers = WorkerRegistry(self.status.redis, ttl_s=settings.worker_heartbeat_ttl_s)
         self.heartbeat: Optional[Heartbeat] = None
         self.providers: dict[str, str] = {}
@@ -66,10 +71,10 @@ class Runtime:
             ", ".join(f"{m} on {p}" for m, p in self.providers.items()) or "none",
         )
 
-    def start_heartbeat(self, hostname: str, queues: list[str]) -> None:
-        """Beat for this worker process from now on (once it consumes)."""
+    def start_heartbeat(self, hostname: str, info: Callable[[], dict[str, Any]]) -> None:
+        """Beat for this worker process from now on (once it consumes), with ``info()``."""
         if self.heartbeat is None:
-            self.heartbeat = Heartbeat(self.workers, hostname, {"queues": queues}).start()
+            self.heartbeat = Heartbeat(self.workers, hostname, info).start()
 
     def stop_heartbeat(self) -> None:
         """A warm shutdown: this worker is gone at once, not after its heartbeat expires."""

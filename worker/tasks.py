@@ -11,11 +11,13 @@ import logging
 from typing import Any, Optional
 
 from celery import Celery, Task
+from celery.exceptions import Reject
+from kombu.exceptions import OperationalError
 
 from config.contract import TASKS, check_job_id
 from config.errors import InvalidPayload
 from worker.hardening import CheckedRequest
-from worker.jobs import Delivery, RetryLater, execute, refuse_message
+from worker.jobs import Delivery, LeaveQueued, RetryLater, execute, refuse_message
 
 log = logging.getLogger("segq.worker")
 
@@ -43,7 +45,12 @@ def run(task: Task, args: tuple, kwargs: dict) -> Optional[dict[str, Any]]:
     try:
         return execute(runtime, args[0], delivery)
     except RetryLater as later:
-        raise task.retry(countdown=later.countdown) from later.error
+        try:
+            raise task.retry(countdown=later.countdown) from later.error
+        except OperationalError as exc:  # the broker is away too: keep the message itself
+            raise Reject(f"broker unreachable for the retry: {exc}", requeue=True) from exc
+    except LeaveQueued as why:
+        raise Reject(str(why), requeue=True) from why
 
 
 def register(app: Celery) -> None:

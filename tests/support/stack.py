@@ -101,6 +101,7 @@ def make_stack(
         s3_max_attempts=2,
         retry_backoff_s=0.2,
         retry_backoff_max_s=2.0,
+        worker_heartbeat_ttl_s=3.0,
     )
     settings = Settings(**{**defaults, **overrides})  # any default can be overridden
     import redis
