@@ -9,6 +9,8 @@ kernels (numba) against the numpy code they replace, bit for bit.
 from __future__ import annotations
 
 import io
+import os
+import signal
 import struct
 import zlib
 
@@ -397,3 +399,24 @@ def test_the_writer_reads_a_cutouts_array_only_while_the_image_still_shares_it()
     assert png.shared_pixels(img) is None
     back = np.asarray(reopen(encode.encode_png(img)))
     assert tuple(back[0, 0]) == (1, 2, 3, 4) and np.array_equal(back[1:], pixels[1:])
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
+def test_a_forked_child_gets_its_own_pool():
+    big = np.asarray(images.sample_scene(1200, 900))
+    assert len(png.pieces_for(900, 1200 * 3)) > 1
+    png.write_png(png.Source.from_array(big))  # the parent's pool exists now
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: a multi-piece PNG must not wait on the parent's (absent) threads
+        signal.alarm(30)  # a hung child ends itself; the parent then reads nothing
+        try:
+            data = png.write_png(png.Source.from_array(big))
+            ok = np.array_equal(np.asarray(reopen(data)), big)
+            os.write(write, b"1" if ok else b"0")
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        assert pipe.read() == b"1"
+    os.waitpid(pid, 0)

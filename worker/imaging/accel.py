@@ -57,6 +57,16 @@ def shared_pool() -> ThreadPoolExecutor:
         return _pool
 
 
+def _forget_pool_in_child() -> None:
+    """A forked child (Celery prefork) has none of its parent's threads: a pool made before
+    the fork would queue work no thread runs. The child makes its own on first use."""
+    global _pool, _pool_lock
+    _pool, _pool_lock = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_pool_in_child)
+
+
 def on_pool_thread() -> bool:
     return getattr(_on_pool_thread, "active", False)
 
