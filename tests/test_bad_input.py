@@ -28,7 +28,6 @@ from config.celeryconfig import task_queues
 from config.contract import JobState, JobStatus, task_name
 from config.errors import JobNotFound, SegqError
 from tests.support.images import (
-    animated,
     cmyk_jpeg,
     encode,
     gray16_png,
@@ -100,7 +99,6 @@ CASES: dict[str, Case] = {
     "one_by_one": Case(
         "image_too_small", "at least 2 pixels", encode(Image.new("RGB", (1, 1), (9, 9, 9)), "PNG")
     ),
-    "animated_gif": Case("unsupported_image", "more than one frame", animated("GIF")),
     "over_the_byte_limit": Case(
         "image_too_large", "over the limit", b"\xff" * (MAX_IMAGE_BYTES + 1)
     ),

@@ -119,9 +119,9 @@ def assert_outputs_whole(stack: Stack, job, status: JobStatus) -> None:
 
 def test_threads_worker_killed_mid_upload_job_runs_again_elsewhere_whole(stack: Stack, workers: Workers) -> None:
     """SIGKILL of a whole threads-pool worker after it wrote one output and before the
-    manifest: the message stays unacknowledged in Redis until it is older than the
-    visibility timeout, then the surviving worker's periodic restore sweep puts it back
-    on the queue and the job runs again there, overwriting its own outputs."""
+    manifest: the message stays unacknowledged in Redis until the dead worker's heartbeat
+    expires, then the survivor's recovery sweep puts it back on the queue and the job runs
+    again there, overwriting its own outputs."""
     first, second = workers.start(2, poison=True)
     uri = stack.upload(IMAGE, "torn-threads.png")
     job = stack.client.cutout(uri, PROMPT)
@@ -137,7 +137,7 @@ def test_threads_worker_killed_mid_upload_job_runs_again_elsewhere_whole(stack: 
     written = [name for name in OUTPUTS if exists(output(stack, job.id, name))]
     assert len(written) == 1 and not exists(output(stack, job.id, "manifest.json"))  # torn
 
-    # the survivor goes on serving while the lost job waits out the visibility timeout
+    # the survivor goes on serving while the lost job waits for the dead worker to expire
     other = stack.client.cutout(stack.upload(IMAGE, "plain.png"), PROMPT).wait(timeout=10)
     assert other.worker == survivor.hostname and job.status().state is JobState.running
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile, features
 
-from config.errors import ImageTooLarge, ImageTooSmall, InvalidImage, UnsupportedImage
+from config.errors import ImageTooLarge, ImageTooSmall, InvalidImage
 from tests.support import images
 from worker.imaging import DecodedImage, load_image
 
@@ -259,6 +259,9 @@ def test_too_small():
 
 
 @pytest.mark.parametrize("fmt", ["GIF", "WEBP", "PNG", "TIFF"])
-def test_animated_or_multi_page_is_unsupported(fmt):
-    info = raises_code(UnsupportedImage, images.animated(fmt))
-    assert fmt in info.value.message and "single frame" in info.value.message
+def test_animated_or_multi_page_images_use_their_first_frame_and_say_so(fmt):
+    image = decode(images.animated(fmt, count=3))
+    first = decode(images.encode(images.frames(3)[0], "PNG"))
+    assert image.frames == 3 and image.describe_frames() == {"frames": 3, "frame_used": 0}
+    tolerance = 0 if fmt in ("PNG", "TIFF") else 40  # GIF's palette and WEBP's lossy frames
+    assert np.abs(np.asarray(image.rgb, np.int16) - np.asarray(first.rgb, np.int16)).max() <= tolerance

@@ -208,3 +208,19 @@ def test_outputs_land_only_under_the_jobs_own_folder(runtime: Runtime, image: st
     prefix = f"{runtime.settings.output_prefix}{job_id}/"
     assert all(key.startswith(prefix) for key in [*result["outputs"].values(), result["manifest"]])
     assert INPUT_BUCKET not in result["bucket"]
+
+
+def test_a_multi_page_tiff_is_segmented_on_its_first_page_and_the_result_says_so(
+    runtime: Runtime,
+) -> None:
+    pages = [Image.fromarray(noise_rgb(64, 48, seed=s)) for s in range(3)]
+    uri = runtime.storage.upload_input(
+        f"jobs-test/{uuid.uuid4().hex}.tiff",
+        encode(pages[0], "TIFF", save_all=True, append_images=pages[1:]),
+        "image/tiff",
+    )
+    payload = {"task": "cutout", "image": uri, "prompt": {"point": [30, 20]}}
+    job_id = submit(runtime, payload)
+    result = execute(runtime, payload, Delivery(job_id))
+    assert result["frames"] == 3 and result["frame_used"] == 0
+    assert runtime.status.get(job_id).state is JobState.succeeded

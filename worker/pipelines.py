@@ -37,7 +37,7 @@ from config.contract import (
 )
 from config.errors import InvalidPayload
 from config.settings import Settings
-from worker.imaging import compose, encode
+from worker.imaging import accel, compose, encode
 from worker.imaging import masks as maskio
 from worker.imaging.decode import DecodedImage, load_image, read_size
 from worker.inference.cache import EmbeddingCache
@@ -139,6 +139,7 @@ class Pipelines:
             self._probe_embedding = model.encode(probe)
             self.probe_decoder()
             providers["sam2"] = model.provider
+            accel.warm_imaging_kernels()  # a SAM-only worker's cutouts (DETR's load warms too)
         if "detr" in models:
             model = self.detr()
             model.predict(probe)
@@ -231,9 +232,15 @@ class Pipelines:
         timer = Timer(out.timings)
         width, height = self.size(data, timer)  # a cached embedding needs no pixels
         side = self.sam2(options).input_side
+        decoded: list[DecodedImage] = []
+
+        def pixels() -> Image.Image:
+            decoded.append(self.decode(data, timer, model_side=side))
+            return decoded[0].rgb
+
         found = self.sam2_masks(
             (width, height),
-            lambda: self.decode(data, timer, model_side=side).rgb,
+            pixels,
             prompt,
             options,
             out,
@@ -253,6 +260,8 @@ class Pipelines:
                 entries.append(entry)
             out.files.update((name, (png.result(), PNG)) for name, png in pngs.items())
         out.result.update(width=width, height=height, masks=entries)
+        if decoded:
+            out.result.update(decoded[0].describe_frames())
         return out
 
     def panoptic(
@@ -272,6 +281,10 @@ class Pipelines:
             png = None
             if "png" in options.mask_formats:
                 png = self._png.submit(maskio.label_map_to_png, panoptic.segmentation)
+            rles = {}
+            if "rle" in options.mask_formats:  # every segment from one pass over the map
+                ids = [seg.id for seg in panoptic.segments]
+                rles = maskio.rle_encode_labels(panoptic.segmentation, ids)
             segments = []
             for seg in panoptic.segments:
                 entry = {
@@ -284,11 +297,12 @@ class Pipelines:
                     "bbox": seg.bbox,
                 }
                 if "rle" in options.mask_formats:
-                    entry["rle"] = maskio.rle_encode(panoptic.segmentation == seg.id)
+                    entry["rle"] = rles[seg.id]
                 segments.append(entry)
             if png is not None:
                 out.files["segments.png"] = (png.result(), PNG)
         out.result = {"width": image.width, "height": image.height, "segments": segments}
+        out.result.update(image.describe_frames())
         if "png" in options.mask_formats:
             out.result["segmentation"] = "segments.png"
         return out
@@ -320,6 +334,7 @@ class Pipelines:
         out = JobOutput()
         timer = Timer(out.timings)
         image = self.decode(data, timer)
+        out.result.update(image.describe_frames())
         best = self.sam2_masks(
             image.size, lambda: image.rgb, prompt, options, out,
             image_id=image_id or _bytes_id(data),
@@ -329,17 +344,16 @@ class Pipelines:
                               reason="no mask scored above min_score")
             return out
         mask = best[0]
-        with timer.stage("compose"):
-            rgba = compose.cutout(image, mask.mask, crop=options.crop)
-        with timer.stage("encode_output"):
+        with timer.stage("encode_output"):  # composed a strip at a time inside the PNG writer
             mask_png = self._png.submit(maskio.mask_to_png, mask.mask)
-            out.files["cutout.png"] = (encode.encode_png(rgba), PNG)
+            cutout_png, cutout_size = compose.cutout_png(image, mask.mask, crop=options.crop)
+            out.files["cutout.png"] = (cutout_png, PNG)
             out.files["mask.png"] = (mask_png.result(), PNG)
         out.result.update(
             width=image.width,
             height=image.height,
             cutout="cutout.png",
-            cutout_size=list(rgba.size),
+            cutout_size=list(cutout_size),
             mask=_mask_entry(mask.mask, score=float(mask.score), png="mask.png"),
         )
         return out
@@ -385,18 +399,27 @@ class Pipelines:
                  "bbox": s.bbox}
                 for i, s in enumerate(panoptic.segments)
             ]
-        with timer.stage("compose"):
-            picture = compose.overlay(image, layers, alpha=options.alpha, outline=options.outline)
-        with timer.stage("encode_output"):
-            if options.format == "jpeg":
+        if options.format == "jpeg":
+            with timer.stage("compose"):
+                picture = compose.overlay(
+                    image, layers, alpha=options.alpha, outline=options.outline
+                )
+            with timer.stage("encode_output"):
                 out.files["overlay.jpg"] = (encode.encode_jpeg(picture), "image/jpeg")
                 name = "overlay.jpg"
-            else:
-                out.files["overlay.png"] = (encode.encode_png(picture), PNG)
+        else:
+            with timer.stage("encode_output"):  # tinted a strip at a time inside the writer
+                out.files["overlay.png"] = (
+                    compose.overlay_png(
+                        image, layers, alpha=options.alpha, outline=options.outline
+                    ),
+                    PNG,
+                )
                 name = "overlay.png"
         for entry in legend:
             entry["color"] = list(compose.palette_color(entry["index"]))
         out.result.update(width=image.width, height=image.height, overlay=name, segments=legend)
+        out.result.update(image.describe_frames())
         return out
 
 

@@ -17,7 +17,7 @@ from typing import Optional
 import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError, features
 
-from config.errors import ImageTooLarge, ImageTooSmall, InvalidImage, UnsupportedImage
+from config.errors import ImageTooLarge, ImageTooSmall, InvalidImage
 
 # An allowlist keeps Pillow's rarer plugins (EPS runs Ghostscript; many have seen little
 # fuzzing) away from untrusted bytes. Phone-camera JPEGs with a preview open through "JPEG"
@@ -52,6 +52,11 @@ class DecodedImage:
     format: str
     mode: str
     rgba: Optional[Image.Image] = None
+    frames: int = 1  # an animated or multi-page image is segmented on its first frame
+
+    def describe_frames(self) -> dict[str, int]:
+        """What a job's result says about the frames: nothing for a single one."""
+        return {} if self.frames == 1 else {"frames": self.frames, "frame_used": 0}
 
     @property
     def size(self) -> tuple[int, int]:
@@ -85,7 +90,7 @@ def load_image(
     with _open(data, max_bytes) as img:
         width, height = img.size
         described = f"{img.format} image of {width}x{height}"
-        _check_header(img, described, max_pixels=max_pixels, min_side=min_side)
+        frames = _check_header(img, described, max_pixels=max_pixels, min_side=min_side)
         mode = img.mode
         if reduce_to and img.format in ("JPEG", "MPO"):
             img.draft("RGB", (reduce_to, reduce_to))
@@ -101,8 +106,9 @@ def load_image(
 
     alpha = np.asarray(rgba.getchannel("A")) if rgba is not None else None
     return DecodedImage(
-        rgb=rgb, alpha=alpha, width=width, height=height, format=img.format, mode=mode, rgba=rgba
-    )
+        rgb=rgb, alpha=alpha, width=width, height=height, format=img.format, mode=mode,
+        rgba=rgba, frames=frames,
+    )  # fmt: skip
 
 
 def read_size(
@@ -145,7 +151,8 @@ def _open(data: bytes, max_bytes: int) -> Image.Image:
         raise InvalidImage(f"unreadable image header: {e}") from None
 
 
-def _check_header(img: Image.Image, described: str, *, max_pixels: int, min_side: int) -> None:
+def _check_header(img: Image.Image, described: str, *, max_pixels: int, min_side: int) -> int:
+    """Refuse what is too large or too small from the header; returns the frame count."""
     width, height = img.size
     if width * height > max_pixels:
         raise ImageTooLarge(
@@ -161,15 +168,11 @@ def _check_header(img: Image.Image, described: str, *, max_pixels: int, min_side
             height=height,
         )
     try:
-        animated = img.format != "MPO" and getattr(img, "is_animated", False)
-    except Exception as e:  # is_animated reads the next frame's header, which may be corrupt
+        # a phone's MPO is one picture plus previews; other formats' frames are frames
+        frames = 1 if img.format == "MPO" else int(getattr(img, "n_frames", 1))
+    except Exception as e:  # counting reads each frame's header, which may be corrupt
         raise InvalidImage(f"{described} could not be decoded: {e}") from None
-    if animated:
-        raise UnsupportedImage(
-            f"{described} has more than one frame (animated or multi-page); "
-            "send a single frame, e.g. the first one saved as PNG",
-            format=img.format,
-        )
+    return frames
 
 
 def _apply_orientation(img: Image.Image) -> bool:

@@ -9,6 +9,7 @@ import hashlib
 import logging
 import os
 import re
+import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Optional
@@ -153,8 +154,40 @@ def input_shape(
     return tuple(d if isinstance(d, int) and d > 0 else f for d, f in zip(declared, fallback))
 
 
+# One CPU arena for every session of the process instead of one per session: SAM 2's
+# encoder reuses the blocks DETR grew, and the first block is made large enough for DETR's
+# peak at once (its mask head holds ~2 GB over 100 queries at 800x1066; pages are resident
+# only once used), so the arena does not double past it: a third less worker memory at the
+# same speed (bench/README.md, "Memory"). The arena belongs to onnxruntime's environment,
+# so it is per process by nature (registered once).
+CPU_ARENA_INITIAL_BYTES = 2047 << 20  # onnxruntime takes an int32 here
+_cpu_arena_lock = threading.Lock()
+_cpu_arena_registered = threading.Event()
+
+
+def _share_cpu_arena() -> None:
+    with _cpu_arena_lock:
+        if _cpu_arena_registered.is_set():
+            return
+        config = ort.OrtArenaCfg(
+            {
+                "max_mem": 0,
+                "arena_extend_strategy": 0,  # kNextPowerOfTwo; kSameAsRequested measured worse
+                "initial_chunk_size_bytes": CPU_ARENA_INITIAL_BYTES,
+                "max_dead_bytes_per_chunk": -1,
+            }
+        )
+        info = ort.OrtMemoryInfo(
+            "Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT
+        )
+        ort.create_and_register_allocator(info, config)
+        _cpu_arena_registered.set()
+
+
 def _create(path: Path, providers: tuple[str, ...], settings: Settings) -> ort.InferenceSession:
     options = ort.SessionOptions()
+    _share_cpu_arena()
+    options.add_session_config_entry("session.use_env_allocators", "1")
     options.intra_op_num_threads = settings.intra_op_threads
     options.inter_op_num_threads = settings.inter_op_threads
     # Memory patterns pre-plan one block per input shape on top of the arena: a third more
