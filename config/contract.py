@@ -63,6 +63,15 @@ def check_idempotency_key(key: object) -> str:
     return key
 
 
+# ``refine`` names an earlier job, and for a job of several prompts which one: "<job id>"
+# or "<job id>:<prompt index>".
+_REFINE = re.compile(r"([A-Za-z0-9_-]{1,128})(?::(\d{1,4}))?")
+
+# SAM jobs: the tasks whose prompts run on an image embedding (overlay only with a prompt).
+SAM_TASKS = (TASK_SEGMENT, TASK_CUTOUT, TASK_OVERLAY)
+MAX_PROMPTS = 32  # prompts in one job (one batched decoder call)
+
+
 def task_name(name: str) -> str:
     """``"segment"`` or ``"segq.segment"`` -> ``"segq.segment"``; anything else is an error."""
     full = SHORT_NAMES.get(name, name)
@@ -135,9 +144,23 @@ class Prompt(BaseModel):
     points: Optional[list[Point]] = None
     labels: Optional[list[Literal[0, 1]]] = None
     box: Optional[tuple[Coord, Coord, Coord, Coord]] = None
+    refine: Optional[str] = Field(
+        None,
+        description="An earlier job on the same image (\"<job id>\", or \"<job id>:<i>\" for "
+        "the i-th prompt of a job of several) whose best low-resolution mask logits go to "
+        "SAM's decoder as its mask input, as SAM's predictor does for iterative clicks.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> "Prompt":
+        if self.refine is not None:
+            if not isinstance(self.refine, str) or not _REFINE.fullmatch(self.refine):
+                raise ValueError(
+                    f"'refine' names a job: \"<job id>\" or \"<job id>:<prompt index>\"; "
+                    f"got {self.refine!r:.80}"
+                )
+            if self.point is None and not self.points and self.box is None:
+                raise ValueError("'refine' needs the new click: a point, points or a box")
         if self.point is not None and self.points is not None:
             raise ValueError("give either 'point' or 'points', not both")
         if self.labels is not None:
@@ -164,6 +187,15 @@ class Prompt(BaseModel):
     @property
     def is_empty(self) -> bool:
         return not self.all_points and self.box is None
+
+    @property
+    def refine_key(self) -> Optional[tuple[str, int]]:
+        """``(job id, prompt index)`` of the mask this prompt refines, or None."""
+        if self.refine is None:
+            return None
+        m = _REFINE.fullmatch(self.refine)
+        assert m is not None  # checked at validation
+        return m.group(1), int(m.group(2) or 0)
 
     def check_bounds(self, width: int, height: int) -> None:
         """Reject prompts that fall outside a ``width`` x ``height`` image."""
@@ -252,7 +284,14 @@ class JobRequest(BaseModel):
     task: str
     image: str
     version_id: Optional[str] = None
+    image_id: Optional[str] = Field(
+        None,
+        max_length=256,
+        description="The caller's own name for the image's content (a database id, a "
+        "content hash): routes prompts on it to the worker holding its embedding.",
+    )
     prompt: Optional[Prompt] = None
+    prompts: Optional[list[Prompt]] = None
     options: dict[str, Any] = Field(default_factory=dict)
     callback_url: Optional[str] = None
     submitted_at: float = Field(default_factory=time.time)
@@ -262,9 +301,36 @@ class JobRequest(BaseModel):
     def _task(cls, v: str) -> str:
         return task_name(v)
 
+    @model_validator(mode="after")
+    def _one_kind_of_prompt(self) -> "JobRequest":
+        if self.prompts is not None:
+            if self.prompt is not None:
+                raise ValueError("give either 'prompt' or 'prompts', not both")
+            if self.task not in (TASK_SEGMENT, TASK_OVERLAY):
+                raise ValueError(f"'prompts' (several prompts in one job) is for segment and overlay, not {self.task}")
+            if not 1 <= len(self.prompts) <= MAX_PROMPTS:
+                raise ValueError(f"'prompts' holds 1 to {MAX_PROMPTS} prompts, got {len(self.prompts)}")
+        return self
+
     @property
     def ref(self) -> S3Ref:
         return S3Ref.parse(self.image, self.version_id)
+
+    @property
+    def uses_sam(self) -> bool:
+        """Whether the job runs SAM 2 on the image's embedding (overlay: only with prompts)."""
+        if self.task == TASK_OVERLAY:
+            return (self.prompt is not None or self.prompts is not None) and not self.options.get("masks")
+        return self.task in SAM_TASKS
+
+    @property
+    def affinity_id(self) -> str:
+        """The image's identity for embedding affinity: the caller's ``image_id`` when it
+        gave one, else the S3 URI with its version id (the same object, the same pixels)."""
+        if self.image_id:
+            return f"id:{self.image_id}"
+        ref = self.ref
+        return f"{ref.uri}?versionId={ref.version_id}" if ref.version_id else ref.uri
 
     def typed_options(self) -> AnyOptions:
         return parse_options(self.task, self.options)
@@ -328,8 +394,14 @@ def parse_request(raw: Any, *, max_bytes: int, max_points: int) -> JobRequest:
         raise InvalidPayload(f"payload must be a JSON object, got {type(raw).__name__}")
     raw = dict(raw)
     prompt = parse_prompt(raw.pop("prompt", None), max_points=max_points)
+    fields: dict[str, Any] = {**raw, "prompt": prompt}
+    if "prompts" in raw and raw["prompts"] is not None:
+        many = raw["prompts"]
+        if not isinstance(many, list) or not all(isinstance(p, (dict, Prompt)) for p in many):
+            raise InvalidPrompt("'prompts' must be a list of prompt objects")
+        fields["prompts"] = [parse_prompt(p, max_points=max_points) for p in many]
     try:
-        req = JobRequest.model_validate({**raw, "prompt": prompt})
+        req = JobRequest.model_validate(fields)
     except ValidationError as e:
         extra = [".".join(map(str, x["loc"])) for x in e.errors() if x["type"] == "extra_forbidden"]
         if extra:
@@ -337,6 +409,8 @@ def parse_request(raw: Any, *, max_bytes: int, max_points: int) -> JobRequest:
         for x in e.errors():
             if x["loc"] and x["loc"][0] == "task":
                 raise UnknownTask(str(x.get("ctx", {}).get("error", x["msg"]))) from None
+            if x["type"] == "value_error" and "'prompts'" in str(x.get("ctx", {}).get("error", "")):
+                raise InvalidPrompt(str(x["ctx"]["error"])) from None
         raise InvalidPayload(f"bad payload: {_describe(e)}") from None
     req.ref  # noqa: B018  validates the URI
     req.typed_options()

@@ -60,6 +60,13 @@ class PromptOutOfBounds(InvalidPrompt):
     code = "prompt_out_of_bounds"
 
 
+class RefineUnavailable(InvalidPrompt):
+    """A prompt refines an earlier job whose mask this worker no longer holds (evicted,
+    expired, or made on another worker): send the clicks again without ``refine``."""
+
+    code = "refine_unavailable"
+
+
 class InvalidImage(SegqError):
     """The bytes are not an image we can decode (empty, truncated, not an image)."""
 

@@ -214,8 +214,10 @@ def run_job(
     job_id: str,
     *,
     on_stage: Callable[[str], None] = lambda stage: None,
+    guard: Any = None,
 ) -> tuple[dict[str, Any], dict[str, float]]:
-    """Read, run, write. Returns the status result and stage timings (seconds)."""
+    """Read, run, write. Returns the status result and stage timings (seconds). ``guard``:
+    the encode lease around a cold SAM 2 encode (``worker.affinity``)."""
     settings = runtime.settings
     storage = runtime.storage
     ref = request.ref
@@ -227,7 +229,10 @@ def run_job(
     timings["download"] = time.perf_counter() - t0
 
     on_stage("inference")
-    output = _run_pipeline(runtime, request, image_id=f"{ref.uri}#{obj.version_id or obj.etag}", data=obj.data)
+    output = _run_pipeline(
+        runtime, request, image_id=f"{ref.uri}#{obj.version_id or obj.etag}", data=obj.data,
+        job_id=job_id, guard=guard,
+    )  # fmt: skip
     timings.update(output.timings)
 
     on_stage("upload")
@@ -251,6 +256,11 @@ def run_job(
         "image": ref.uri,
         "image_version": obj.version_id or obj.etag,
         "prompt": request.prompt.model_dump(exclude_none=True) if request.prompt else None,
+        **(
+            {"prompts": [p.model_dump(exclude_none=True) for p in request.prompts]}
+            if request.prompts is not None
+            else {}
+        ),
         "options": request.options,
         "result": result,
         "timings": timings,
@@ -260,20 +270,31 @@ def run_job(
     return result, timings
 
 
-def _run_pipeline(runtime: Runtime, request: JobRequest, *, image_id: str, data: bytes) -> JobOutput:
+def _run_pipeline(
+    runtime: Runtime,
+    request: JobRequest,
+    *,
+    image_id: str,
+    data: bytes,
+    job_id: Optional[str] = None,
+    guard: Any = None,
+) -> JobOutput:
     pipes = runtime.pipelines
     options = request.typed_options()
+    sam = dict(image_id=image_id, job_id=job_id, guard=guard)
     if request.task == TASK_SEGMENT:
-        return pipes.segment(data, request.prompt, options=options, image_id=image_id)
+        return pipes.segment(data, request.prompt, options=options, prompts=request.prompts, **sam)
     if request.task == TASK_CUTOUT:
-        return pipes.cutout(data, request.prompt, options=options, image_id=image_id)
+        return pipes.cutout(data, request.prompt, options=options, **sam)
     if request.task == TASK_PANOPTIC:
         return pipes.panoptic(data, options=options)
     if request.task == TASK_OVERLAY:
         masks = None
         if options.masks:
             masks = [_read_mask(runtime, uri) for uri in options.masks]
-        return pipes.overlay(data, request.prompt, options=options, masks=masks, image_id=image_id)
+        return pipes.overlay(
+            data, request.prompt, options=options, masks=masks, prompts=request.prompts, **sam
+        )
     raise AssertionError(request.task)  # parse_request already refused other names
 
 

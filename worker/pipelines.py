@@ -21,7 +21,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Optional, Union
+from typing import Any, Callable, ContextManager, Iterator, Optional, Union
 
 import numpy as np
 from PIL import Image
@@ -35,7 +35,7 @@ from config.contract import (
     parse_options,
     parse_prompt,
 )
-from config.errors import InvalidPayload
+from config.errors import InvalidPayload, InvalidPrompt, RefineUnavailable
 from config.settings import Settings
 from worker.imaging import accel, compose, encode
 from worker.imaging import masks as maskio
@@ -43,9 +43,10 @@ from worker.imaging.decode import DecodedImage, load_image, read_size
 from worker.inference.cache import EmbeddingCache
 from worker.inference.detr import DetrPanopticModel, model_input_size
 from worker.inference.registry import ModelRegistry
-from worker.inference.sam2 import Sam2Model
+from worker.inference.sam2 import Sam2Model, Sam2Prediction
 
 ImageInput = Union[bytes, DecodedImage]
+EncodeGuard = Callable[[str], ContextManager[None]]
 PromptInput = Union[Prompt, dict, None]
 
 
@@ -190,13 +191,38 @@ class Pipelines:
         out: JobOutput,
         *,
         image_id: Optional[str] = None,
+        job_id: Optional[str] = None,
+        guard: Optional[EncodeGuard] = None,
     ) -> list:
         """SAM 2's masks for ``prompt`` on the image of ``size``; ``pixels`` is called for
         the image only when its embedding is not cached under ``image_id``."""
+        return self.sam2_predictions(
+            size, pixels, [prompt], options, out, image_id=image_id, job_id=job_id, guard=guard
+        )[0].masks
+
+    def sam2_predictions(
+        self,
+        size: tuple[int, int],
+        pixels: Callable[[], Image.Image],
+        prompts: list[PromptInput],
+        options: SegmentOptions | OverlayOptions,
+        out: JobOutput,
+        *,
+        image_id: Optional[str] = None,
+        job_id: Optional[str] = None,
+        guard: Optional[EncodeGuard] = None,
+    ) -> list[Sam2Prediction]:
+        """One ``Sam2Prediction`` per prompt, from one batched decoder call (per prompt
+        shape). A prompt with ``refine`` feeds that earlier job's best low-resolution logits
+        to the decoder (``refine_unavailable`` when this process no longer holds them).
+        With ``job_id``, each prompt's best logits are kept for later refinement, under
+        ``"<job id>:<prompt index>"`` beside the embedding. ``guard``: see
+        ``Sam2Model.embed_cached``."""
         timer = Timer(out.timings)
-        prompt = parse_prompt(prompt, max_points=self.settings.max_points)
-        if prompt is not None:
-            prompt.check_bounds(*size)  # before the encoder: a bad prompt costs nothing
+        parsed = [parse_prompt(p, max_points=self.settings.max_points) for p in prompts]
+        for p in parsed:
+            if p is not None:
+                p.check_bounds(*size)  # before the encoder: a bad prompt costs nothing
         model = self.sam2(options)
         encoded: list[bool] = []
 
@@ -205,16 +231,41 @@ class Pipelines:
             return pixels()
 
         key = image_id or _digest(pixels())
+        entry = model.cache_key(key)
+        mask_inputs = [self._refined_logits(p, entry) for p in parsed]
         with timer.stage("encode_image"):
-            embedding = model.embed_cached(image, key, self.cache, size)
+            embedding = model.embed_cached(image, key, self.cache, size, guard=guard)
         out.result["embedding_cache"] = "miss" if encoded else "hit"
+        if any(m is not None for m in mask_inputs):
+            out.result["refined"] = [p.refine for p in parsed if p is not None and p.refine]
         with timer.stage("decode_prompt"):
-            return model.predict(
+            found = model.predict_many(
                 embedding,
-                prompt,
+                parsed,
                 multimask=options.multimask,
                 min_score=getattr(options, "min_score", None),
+                mask_inputs=mask_inputs,
             )
+        if job_id is not None:
+            for i, prediction in enumerate(found):
+                self.cache.put(_refine_key(job_id, i), _RefineEntry(entry, prediction.best_logits))
+        return found
+
+    def _refined_logits(self, prompt: Optional[Prompt], image_entry: str) -> Optional[np.ndarray]:
+        ref = prompt.refine_key if prompt is not None else None
+        if ref is None:
+            return None
+        job, index = ref
+        kept = self.cache.peek(_refine_key(job, index))
+        if kept is None:
+            raise RefineUnavailable(
+                f"the mask of job {prompt.refine} is not held here (evicted, expired, made "
+                "on another worker, or no such job); send the clicks again without 'refine'",
+                refine=prompt.refine,
+            )
+        if kept.image_entry != image_entry:
+            raise InvalidPrompt(f"'refine' names job {prompt.refine}, made on another image or model")
+        return kept.logits
 
     # --- job types --------------------------------------------------------------------
 
@@ -225,9 +276,18 @@ class Pipelines:
         *,
         options: Optional[SegmentOptions] = None,
         image_id: Optional[str] = None,
+        prompts: Optional[list[PromptInput]] = None,
+        job_id: Optional[str] = None,
+        guard: Optional[EncodeGuard] = None,
         **kwargs: Any,
     ) -> JobOutput:
+        """The masks of ``prompt``, or with ``prompts`` one mask set per prompt from one
+        batched decoder call (``result["prompts"][i]["masks"]``, files
+        ``prompt_<i>_mask_<j>.png``). ``job_id`` keeps each prompt's best logits for a
+        later ``refine``; ``guard`` as for ``Sam2Model.embed_cached``."""
         options = _options("segment", options, kwargs)
+        if prompts is not None and prompt is not None:
+            raise InvalidPrompt("give either 'prompt' or 'prompts', not both")
         out = JobOutput()
         timer = Timer(out.timings)
         width, height = self.size(data, timer)  # a cached embedding needs no pixels
@@ -238,28 +298,39 @@ class Pipelines:
             decoded.append(self.decode(data, timer, model_side=side))
             return decoded[0].rgb
 
-        found = self.sam2_masks(
+        found = self.sam2_predictions(
             (width, height),
             pixels,
-            prompt,
+            list(prompts) if prompts is not None else [prompt],
             options,
             out,
             image_id=image_id or _bytes_id(data),
+            job_id=job_id,
+            guard=guard,
         )
-        entries = []
         with timer.stage("encode_output"):
             pngs = {}
-            for i, m in enumerate(found):
-                name = f"mask_{i}"
-                entry = _mask_entry(m.mask, score=float(m.score))
-                if "png" in options.mask_formats:
-                    pngs[f"{name}.png"] = self._png.submit(maskio.mask_to_png, m.mask)
-                    entry["png"] = f"{name}.png"
-                if "rle" in options.mask_formats:
-                    entry["rle"] = maskio.rle_encode(m.mask)
-                entries.append(entry)
+            sets = []
+            for p, prediction in enumerate(found):
+                entries = []
+                for i, m in enumerate(prediction.masks):
+                    name = f"mask_{i}" if prompts is None else f"prompt_{p}_mask_{i}"
+                    entry = _mask_entry(m.mask, score=float(m.score))
+                    if "png" in options.mask_formats:
+                        pngs[f"{name}.png"] = self._png.submit(maskio.mask_to_png, m.mask)
+                        entry["png"] = f"{name}.png"
+                    if "rle" in options.mask_formats:
+                        entry["rle"] = maskio.rle_encode(m.mask)
+                    entries.append(entry)
+                sets.append(entries)
             out.files.update((name, (png.result(), PNG)) for name, png in pngs.items())
-        out.result.update(width=width, height=height, masks=entries)
+        if prompts is None:
+            out.result.update(width=width, height=height, masks=sets[0])
+        else:
+            out.result.update(
+                width=width, height=height,
+                prompts=[{"index": i, "masks": entries} for i, entries in enumerate(sets)],
+            )  # fmt: skip
         if decoded:
             out.result.update(decoded[0].describe_frames())
         return out
@@ -326,6 +397,8 @@ class Pipelines:
         *,
         options: Optional[CutoutOptions] = None,
         image_id: Optional[str] = None,
+        job_id: Optional[str] = None,
+        guard: Optional[EncodeGuard] = None,
         **kwargs: Any,
     ) -> JobOutput:
         options = _options("cutout", options, kwargs)
@@ -337,7 +410,7 @@ class Pipelines:
         out.result.update(image.describe_frames())
         best = self.sam2_masks(
             image.size, lambda: image.rgb, prompt, options, out,
-            image_id=image_id or _bytes_id(data),
+            image_id=image_id or _bytes_id(data), job_id=job_id, guard=guard,
         )
         if not best:
             out.result.update(width=image.width, height=image.height, cutout=None,
@@ -366,11 +439,17 @@ class Pipelines:
         options: Optional[OverlayOptions] = None,
         masks: Optional[list[np.ndarray]] = None,
         image_id: Optional[str] = None,
+        prompts: Optional[list[PromptInput]] = None,
+        job_id: Optional[str] = None,
+        guard: Optional[EncodeGuard] = None,
         **kwargs: Any,
     ) -> JobOutput:
         """Colour-coded segments over the image: panoptic segments by default, the SAM
-        masks of ``prompt`` when one is given, or caller-supplied ``masks``."""
+        masks of ``prompt`` when one is given (the best mask of each of ``prompts``, from
+        one batched decoder call), or caller-supplied ``masks``."""
         options = _options("overlay", options, kwargs)
+        if prompts is not None and prompt is not None:
+            raise InvalidPrompt("give either 'prompt' or 'prompts', not both")
         out = JobOutput()
         timer = Timer(out.timings)
         image = self.decode(data, timer)
@@ -378,10 +457,21 @@ class Pipelines:
         if masks is not None:
             layers = list(masks)
             legend = [_mask_entry(m, index=i) for i, m in enumerate(layers)]
+        elif prompts is not None:
+            predictions = self.sam2_predictions(
+                image.size, lambda: image.rgb, list(prompts), options, out,
+                image_id=image_id or _bytes_id(data), job_id=job_id, guard=guard,
+            )
+            found = [p.masks[0] for p in predictions if p.masks]
+            layers = [m.mask for m in found]
+            legend = [
+                _mask_entry(p.masks[0].mask, index=i, prompt=k, score=float(p.masks[0].score))
+                for i, (k, p) in enumerate((k, p) for k, p in enumerate(predictions) if p.masks)
+            ]
         elif prompt is not None:
             found = self.sam2_masks(
                 image.size, lambda: image.rgb, prompt, options, out,
-                image_id=image_id or _bytes_id(data),
+                image_id=image_id or _bytes_id(data), job_id=job_id, guard=guard,
             )
             layers = [m.mask for m in found]
             legend = [_mask_entry(m.mask, index=i, score=float(m.score)) for i, m in enumerate(found)]
@@ -421,6 +511,22 @@ class Pipelines:
         out.result.update(width=image.width, height=image.height, overlay=name, segments=legend)
         out.result.update(image.describe_frames())
         return out
+
+
+@dataclass(frozen=True)
+class _RefineEntry:
+    """A job's best low-resolution mask logits, kept beside its image's embedding."""
+
+    image_entry: str  # the embedding's cache key: the refining job must be on that image
+    logits: np.ndarray
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.logits.nbytes) + 64
+
+
+def _refine_key(job_id: str, index: int) -> str:
+    return f"refine|{job_id}:{index}"
 
 
 def _options(task: str, options: Any, kwargs: dict[str, Any]):

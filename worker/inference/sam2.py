@@ -12,9 +12,9 @@ points labelled 2 and 3, placed before the other points as SAM 2's own predictor
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import ContextManager, Optional, Union
 
 import numpy as np
 from PIL import Image
@@ -95,6 +95,7 @@ class Sam2Model:
         mask_shape = input_shape(decoder, "mask_input", (1, 1, 4 * embed_h, 4 * embed_w))
         self._mask_input = np.zeros(mask_shape, np.float32)
         self._has_mask_input = np.zeros(input_shape(decoder, "has_mask_input", (1,)), np.float32)
+        self._batches = True  # until a batched call fails
 
     @property
     def provider(self) -> str:
@@ -125,24 +126,39 @@ class Sam2Model:
         features = dict(zip(EMBEDDING_NAMES, binding.get_outputs()))
         return Sam2Embedding(features=features, image_size=size or image.size)
 
+    def cache_key(self, key: str) -> str:
+        """The cache entry of image ``key`` for this model: models never share entries."""
+        return f"{self.name}|{key}"
+
     def embed_cached(
         self,
         image: ImageSource,
         key: Optional[str],
         cache: Optional[EmbeddingCache],
         size: Optional[tuple[int, int]] = None,
+        *,
+        guard: Optional[Callable[[str], ContextManager[None]]] = None,
     ) -> Sam2Embedding:
         """The embedding of ``image`` (or of what the loader returns), from ``cache`` under
         ``key`` when it is there. ``key`` names the image's content (e.g. an S3 URI with its
-        ETag); the model's name is added to it, so models never share entries. ``size`` as
-        for ``encode``."""
+        ETag); the model's name is added to it (``cache_key``). ``size`` as for ``encode``.
+        ``guard(cache_key)``: a context around a cold encode (the worker's encode lease,
+        which may decide that another worker should run the job instead)."""
 
         def compute() -> Sam2Embedding:
             return self.encode(image() if callable(image) else image, size)
 
         if cache is None or key is None:
             return compute()
-        return cache.get_or_compute(f"{self.name}|{key}", compute)
+        entry = self.cache_key(key)
+        if guard is None:
+            return cache.get_or_compute(entry, compute)
+
+        def guarded() -> Sam2Embedding:
+            with guard(entry):
+                return compute()
+
+        return cache.get_or_compute(entry, guarded)
 
     def prompt_arrays(
         self, prompt: Optional[Prompt], width: int, height: int
@@ -166,6 +182,11 @@ class Sam2Model:
         )
         return coords[None].astype(np.float32), np.array([labels], np.float32)
 
+    @property
+    def mask_input_shape(self) -> tuple[int, int]:
+        """(height, width) of the decoder's mask prompt (256x256 for SAM 2)."""
+        return tuple(self._mask_input.shape[-2:])
+
     def predict(
         self,
         embedding: Sam2Embedding,
@@ -173,36 +194,124 @@ class Sam2Model:
         *,
         multimask: bool = False,
         min_score: Optional[float] = None,
+        mask_input: Optional[np.ndarray] = None,
     ) -> list[Sam2Mask]:
         """Masks at the original size for ``prompt`` (None: the image centre).
 
         ``multimask``: every candidate, best first; otherwise the one with the highest
         predicted IoU. Candidates scoring under ``min_score`` are dropped either way.
+        ``mask_input``: low-resolution logits of an earlier mask (``Sam2Prediction.best_logits``)
+        to refine, fed with ``has_mask_input`` 1.
         """
+        return self.predict_many(
+            embedding, [prompt], multimask=multimask, min_score=min_score, mask_inputs=[mask_input]
+        )[0].masks
+
+    def predict_many(
+        self,
+        embedding: Sam2Embedding,
+        prompts: Sequence[Optional[Prompt]],
+        *,
+        multimask: bool = False,
+        min_score: Optional[float] = None,
+        mask_inputs: Optional[Sequence[Optional[np.ndarray]]] = None,
+    ) -> list["Sam2Prediction"]:
+        """One ``Sam2Prediction`` per prompt. Prompts with the same number of decoder
+        points (boxes from a detector, say) run as one batched decoder call (the decoder's
+        ``num_labels`` axis), so each gets exactly what it would get alone; a decoder that
+        cannot batch (samexporter's public file broadcasts ``has_mask_input`` wrongly for
+        more than one label) is run once per prompt instead, and remembered as such."""
         width, height = embedding.image_size
-        coords, labels = self.prompt_arrays(prompt, width, height)
+        masks_in = list(mask_inputs) if mask_inputs is not None else [None] * len(prompts)
+        if len(masks_in) != len(prompts):
+            raise ValueError("one mask input (or None) per prompt")
+        arrays = [self.prompt_arrays(p, width, height) for p in prompts]
+        groups: dict[int, list[int]] = {}
+        for i, (coords, _) in enumerate(arrays):
+            groups.setdefault(coords.shape[1], []).append(i)
+        raw: list[Optional[tuple[np.ndarray, np.ndarray]]] = [None] * len(prompts)
+        for members in groups.values():
+            batches = [members] if self._batches and len(members) > 1 else [[i] for i in members]
+            if len(batches) == 1 and len(members) > 1:
+                try:
+                    self._decode_into(raw, members, arrays, masks_in, embedding)
+                    continue
+                except Exception:  # noqa: BLE001  a decoder that cannot batch: one at a time
+                    self._batches = False
+                    batches = [[i] for i in members]
+            for one in batches:
+                self._decode_into(raw, one, arrays, masks_in, embedding)
+        out = []
+        for logits, scores in raw:  # type: ignore[misc]
+            order = np.argsort(-scores, kind="stable") if multimask else [int(np.argmax(scores))]
+            best = int(np.argmax(scores))
+            out.append(
+                Sam2Prediction(
+                    masks=[
+                        Sam2Mask(
+                            mask=upsample_mask(logits[i], height, width),
+                            score=float(scores[i]),
+                            index=int(i),
+                            logits_lowres=logits[i].copy(),
+                        )
+                        for i in order
+                        if min_score is None or scores[i] >= min_score
+                    ],
+                    best_logits=logits[best].copy(),
+                    best_score=float(scores[best]),
+                )
+            )
+        return out
+
+    def _decode_into(
+        self,
+        raw: list,
+        members: list[int],
+        arrays: list[tuple[np.ndarray, np.ndarray]],
+        masks_in: list[Optional[np.ndarray]],
+        embedding: Sam2Embedding,
+    ) -> None:
+        coords = np.concatenate([arrays[i][0] for i in members])
+        labels = np.concatenate([arrays[i][1] for i in members])
+        mask_shape = self._mask_input.shape[1:]  # (1, 256, 256)
+        mask_input = np.zeros((len(members), *mask_shape), np.float32)
+        has_mask = np.zeros((len(members), *self._has_mask_input.shape[1:]), np.float32)
+        for row, i in enumerate(members):
+            if masks_in[i] is not None:
+                m = np.asarray(masks_in[i], np.float32)
+                if m.size != int(np.prod(mask_shape)):
+                    raise ValueError(f"a mask input is {mask_shape[-2:]} logits, got {m.shape}")
+                mask_input[row] = m.reshape(mask_shape)
+                has_mask[row] = 1.0
         binding = self.decoder.io_binding()
         for name in EMBEDDING_NAMES:
             binding.bind_ortvalue_input(name, embedding.features[name])
         for name, array in (
             ("point_coords", coords),
             ("point_labels", labels),
-            ("mask_input", self._mask_input),
-            ("has_mask_input", self._has_mask_input),
+            ("mask_input", mask_input),
+            ("has_mask_input", has_mask),
         ):
             binding.bind_cpu_input(name, array)
         for name in DECODER_OUTPUTS:
-            binding.bind_output(name, "cpu")  # small: 3 x 256 x 256 logits and 3 scores
+            binding.bind_output(name, "cpu")  # small: 3 x 256 x 256 logits and 3 scores each
         self.decoder.run_with_iobinding(binding)
-        logits, scores = (out[0] for out in binding.copy_outputs_to_cpu())
-        order = np.argsort(-scores, kind="stable") if multimask else [int(np.argmax(scores))]
-        return [
-            Sam2Mask(
-                mask=upsample_mask(logits[i], height, width),
-                score=float(scores[i]),
-                index=int(i),
-                logits_lowres=logits[i].copy(),
-            )
-            for i in order
-            if min_score is None or scores[i] >= min_score
-        ]
+        logits, scores = binding.copy_outputs_to_cpu()
+        if logits.shape[0] != len(members) or scores.shape[0] != len(members):
+            raise RuntimeError(f"decoder returned {logits.shape[0]} mask sets for {len(members)} prompts")
+        for row, i in enumerate(members):
+            raw[i] = (logits[row], scores[row])
+
+
+@dataclass(frozen=True)
+class Sam2Prediction:
+    """What one prompt gave: its masks (as ``predict`` returns them) and the low-resolution
+    logits of its best candidate, which a later click can refine (``mask_input``)."""
+
+    masks: list[Sam2Mask]
+    best_logits: np.ndarray  # float32 (256, 256)
+    best_score: float
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.best_logits.nbytes)
