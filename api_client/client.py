@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from celery import Celery
 
+from config.affinity import Router
 from config.celeryconfig import celery_config, task_queues
 from config.contract import (
     JobState,
@@ -47,11 +48,15 @@ PromptLike = Optional[dict[str, Any]]
 class Job:
     """A handle on one submitted job."""
 
-    def __init__(self, client: "SegmentationClient", job_id: str, task: str, created: bool = True) -> None:
+    def __init__(
+        self, client: "SegmentationClient", job_id: str, task: str, created: bool = True,
+        queue: Optional[str] = None,
+    ) -> None:  # fmt: skip
         self.client = client
         self.id = job_id
         self.task = task
         self.created = created
+        self.queue = queue  # where it was sent: a shared queue, or the own queue of a worker
 
     def status(self) -> JobStatus:
         return self.client.status(self.id)
@@ -101,6 +106,12 @@ class SegmentationClient:
     def storage(self) -> Storage:
         return Storage(self.settings)
 
+    @cached_property
+    def router(self) -> Router:
+        """Where jobs go: SAM jobs on an image whose embedding a live worker holds go to
+        that worker's own queue (``SEGQ_AFFINITY``; ``config.affinity``)."""
+        return Router(self._status.redis)
+
     # --- submitting -----------------------------------------------------------------
 
     def submit(
@@ -113,14 +124,23 @@ class SegmentationClient:
         idempotency_key: Optional[str] = None,
         callback_url: Optional[str] = None,
         job_id: Optional[str] = None,
+        prompts: Optional[list[dict[str, Any]]] = None,
+        image_id: Optional[str] = None,
         **options: Any,
     ) -> Job:
         """Validate and enqueue one job. With ``idempotency_key``, the same key twice
-        (within the status TTL) returns the first job instead of making a second."""
+        (within the status TTL) returns the first job instead of making a second.
+        ``prompts``: several prompts in one job (segment, overlay), one mask set each;
+        ``image_id``: your own name for the image's content, which routes the prompts on
+        it to the worker holding its embedding (default: the URI and ``version_id``)."""
         name = task_name(task)
         payload: dict[str, Any] = {"task": name, "image": image, "prompt": prompt, "options": options}
         if version_id:
             payload["version_id"] = version_id
+        if prompts is not None:
+            payload["prompts"] = prompts
+        if image_id is not None:
+            payload["image_id"] = image_id
         if callback_url:
             check_url(callback_url, allow_private=self.settings.webhook_allow_private)
             payload["callback_url"] = callback_url
@@ -140,9 +160,12 @@ class SegmentationClient:
                     return Job(self, job_id, name, created=False)
             else:
                 self._status.create(job_id, name, image)
+            queue = task_queues(self.settings)[name]
+            if self.settings.affinity:
+                queue = self.router.route(request, queue)
             try:
                 self.celery.send_task(
-                    name, args=[body], task_id=job_id, queue=task_queues(self.settings)[name],
+                    name, args=[body], task_id=job_id, queue=queue,
                     # Celery's default repr cuts nesting at depth 3, so Flower showed the
                     # prompt as [...]; the JSON is small (payload size is capped) and whole.
                     argsrepr=json.dumps([body]),
@@ -151,7 +174,7 @@ class SegmentationClient:
                 # Nothing was queued: leave no "queued" record that would never move.
                 self._status.discard(job_id, idempotency_key)
                 raise
-        return Job(self, job_id, name)
+        return Job(self, job_id, name, queue=queue)
 
     def segment(self, image: str, prompt: PromptLike = None, **kwargs: Any) -> Job:
         return self.submit("segment", image, prompt, **kwargs)

@@ -198,6 +198,19 @@ class Settings(BaseSettings):
         "segq.interactive", description="Queue of interactive jobs (segment, cutout)."
     )
     queue_batch: str = Field("segq.batch", description="Queue of batch jobs (panoptic, overlay).")
+    affinity: bool = Field(
+        True,
+        description="Embedding affinity: each worker also consumes a queue of its own and "
+        "says which images' embeddings it holds; producers send SAM jobs on a held image to "
+        "its holder, and concurrent cold jobs on one image encode it once (an encode lease). "
+        "Off: any worker takes any job.",
+    )
+    encode_lease_s: float = Field(
+        30.0,
+        description="How long a worker's claim to encode an image lasts (it ends at once when "
+        "the encode does); others wait for that embedding at most this long, and a claim "
+        "whose worker died is void as soon as its heartbeat expires.",
+    )
 
     # --- observability and integrations ---------------------------------------------
     metrics_port: int = Field(0, description="Prometheus port on the worker; 0 disables.")

@@ -240,6 +240,16 @@ class StatusStore:
 
         return self._transition(job_id, change)
 
+    def handover(self, job_id: str, reason: str) -> JobStatus:
+        """``running`` -> ``queued`` because another worker should run it (it holds the
+        image's embedding); ``reason`` shows as its stage."""
+
+        def change(job: JobStatus, now: float) -> JobStatus:
+            _require(job, "hand over", JobState.running)
+            return job.model_copy(update=dict(state=JobState.queued, stage=reason, worker=None))
+
+        return self._transition(job_id, change)
+
     def cancel(self, job_id: str) -> JobStatus:
         """``queued`` -> ``cancelled``; a worker that picks the job up later skips it.
         ``InvalidTransition`` once it runs or has ended."""

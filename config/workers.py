@@ -74,10 +74,13 @@ class Heartbeat:
         registry: WorkerRegistry,
         hostname: str,
         info: Callable[[], dict[str, Any]] = dict,
+        on_beat: Optional[Callable[[], None]] = None,
     ) -> None:
+        """``on_beat``: also run after each beat (refreshing what the worker claims, say)."""
         self.registry = registry
         self.hostname = hostname
         self.info = info
+        self.on_beat = on_beat
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="segq-heartbeat", daemon=True)
 
@@ -100,6 +103,10 @@ class Heartbeat:
         while not self._stop.is_set():
             try:
                 self.registry.beat(self.hostname, self.info())
+                if self.on_beat is not None:
+                    self.on_beat()
             except redis.RedisError as err:
                 log.warning("heartbeat of %s not written: %s", self.hostname, err)
+            except Exception:  # noqa: BLE001  the heartbeat must outlive its hook
+                log.exception("heartbeat hook of %s failed", self.hostname)
             self._stop.wait(interval)

@@ -23,6 +23,7 @@ from celery import Celery, signals
 from celery._state import get_current_app
 from celery.worker.control import control_command
 
+from config.affinity import worker_queue
 from config.celeryconfig import celery_config
 from config.settings import Settings
 from worker.recovery import Recovery, held_job_ids
@@ -63,11 +64,20 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> SegqCel
         # what this child loaded and that a probe inference ran here.
         app.runtime.report_child_ready(str(sender))
 
+    def own_queue(sender: Any = None, instance: Any = None, **_: object) -> None:
+        # Before the consumer starts: also consume (and so declare) this worker's own queue,
+        # where producers send prompts on the images whose embeddings it holds.
+        if getattr(instance, "app", None) is app and _affinity(app, instance):
+            app.amqp.queues.select_add(worker_queue(str(sender)))
+
     def beat(sender: Any = None, **_: object) -> None:
         if getattr(sender, "app", None) is not app:  # the consumer, in the main process
             return
         queues = sorted(app.amqp.queues.consume_from)
-        app.runtime.start_heartbeat(sender.hostname, lambda: {"queues": queues, "held": held_job_ids()})
+        app.runtime.start_heartbeat(
+            sender.hostname, lambda: {"queues": queues, "held": held_job_ids()},
+            affinity=worker_queue(sender.hostname) in queues,
+        )  # fmt: skip
         if Recovery.applies(app) and app.recovery is None:
             app.recovery = Recovery(app, app.runtime.workers, app.runtime.status).start()
 
@@ -78,11 +88,19 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> SegqCel
             app.runtime.stop_heartbeat()
 
     # weak=False: the handlers live as long as the app, not as long as this call
+    signals.celeryd_after_setup.connect(own_queue, weak=False)
     signals.worker_init.connect(load_in_worker, weak=False)
     signals.worker_process_init.connect(load_in_child, weak=False)
     signals.worker_ready.connect(beat, weak=False)
     signals.worker_shutdown.connect(stop_beating, weak=False)
     return app
+
+
+def _affinity(app: SegqCelery, worker: Any) -> bool:
+    """Embedding affinity applies to a worker whose one process both consumes and holds the
+    embeddings (threads or solo pool) and that runs SAM 2."""
+    settings = app.runtime.settings
+    return settings.affinity and "sam2" in settings.load_models and not _is_prefork(worker.pool_cls)
 
 
 def _is_prefork(pool_cls: object) -> bool:

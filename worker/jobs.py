@@ -31,9 +31,11 @@ from config.contract import (
     output_key,
     parse_request,
 )
+from config.affinity import worker_queue
 from config.errors import InvalidTransition, JobTimeout, SegqError, WorkerLost
 from config.retry import full_jitter
 from worker import metrics
+from worker.affinity import Reroute
 from worker.imaging.masks import mask_from_png
 from worker.pipelines import JobOutput
 from worker.runtime import Runtime
@@ -51,6 +53,15 @@ class RetryLater(Exception):
         self.countdown = countdown
 
 
+class MoveTo(Exception):
+    """The job belongs on ``queue`` (the own queue of the worker holding, or making, its
+    image's embedding): the caller should send it there and acknowledge this delivery."""
+
+    def __init__(self, queue: str, reason: str) -> None:
+        super().__init__(reason)
+        self.queue = queue
+
+
 class LeaveQueued(Exception):
     """Neither success nor failure can be recorded (Redis is away): the caller should put
     the message back on its queue instead of acknowledging it."""
@@ -63,6 +74,8 @@ class Delivery:
     job_id: str
     worker: str = "in-process"
     retries: int = 0
+    # False once the job was sent to this worker's own queue: it runs here, never moves on
+    may_reroute: bool = True
 
 
 def execute(runtime: Runtime, payload: Any, delivery: Delivery) -> Optional[dict[str, Any]]:
@@ -107,7 +120,18 @@ def execute(runtime: Runtime, payload: Any, delivery: Delivery) -> Optional[dict
                 raise JobTimeout(f"the job ran past its {settings.soft_time_limit_s}s time limit")
             status.stage(job_id, name)
 
-        result, timings = run_job(runtime, request, job_id, on_stage=on_stage)
+        guard = None
+        if runtime.affinity is not None and request.uses_sam:
+            guard = runtime.affinity.guard(request.affinity_id, may_reroute=delivery.may_reroute)
+        result, timings = run_job(runtime, request, job_id, on_stage=on_stage, guard=guard)
+    except Reroute as move:
+        queue = worker_queue(move.hostname)
+        reason = f"moved to {move.hostname}, which holds the image's embedding"
+        if not _still_ours(lambda: status.handover(job_id, reason), job_id):
+            return None
+        metrics.REROUTES.inc()
+        log.info("job %s: %s", job_id, reason)
+        raise MoveTo(queue, reason) from None
     except SegqError as err:
         if err.retryable:
             retrying_for = time.time() - (record.retrying_since or time.time())

@@ -20,6 +20,7 @@ from config.settings import Settings
 log = logging.getLogger("segq.worker")
 
 JOBS = Counter("segq_jobs", "Jobs that reached a final state", ["task", "state", "code"])
+REROUTES = Counter("segq_job_reroutes", "Jobs moved to the worker holding (or making) their image's embedding")
 RETRIES = Counter("segq_job_retries", "Jobs handed back for a retry after a transient fault", ["task", "code"])
 STAGE_SECONDS = Histogram(
     "segq_stage_seconds",

@@ -21,7 +21,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, ContextManager, Iterator, Optional, Union
+from typing import Any, Callable, ContextManager, Iterator, Optional, Protocol, Union
 
 import numpy as np
 from PIL import Image
@@ -46,7 +46,15 @@ from worker.inference.registry import ModelRegistry
 from worker.inference.sam2 import Sam2Model, Sam2Prediction
 
 ImageInput = Union[bytes, DecodedImage]
-EncodeGuard = Callable[[str], ContextManager[None]]
+
+
+class EncodeGuard(Protocol):
+    """What a worker wraps around SAM 2 encodes (``worker.affinity``): ``encoding(entry)``
+    is the context of a cold encode of cache entry ``entry``, ``held(entry)`` notes a hit."""
+
+    def encoding(self, entry: str) -> ContextManager[None]: ...
+
+    def held(self, entry: str) -> None: ...
 PromptInput = Union[Prompt, dict, None]
 
 
@@ -216,8 +224,8 @@ class Pipelines:
         shape). A prompt with ``refine`` feeds that earlier job's best low-resolution logits
         to the decoder (``refine_unavailable`` when this process no longer holds them).
         With ``job_id``, each prompt's best logits are kept for later refinement, under
-        ``"<job id>:<prompt index>"`` beside the embedding. ``guard``: see
-        ``Sam2Model.embed_cached``."""
+        ``"<job id>:<prompt index>"`` beside the embedding. ``guard``: the worker's encode
+        lease and affinity claims (``EncodeGuard``)."""
         timer = Timer(out.timings)
         parsed = [parse_prompt(p, max_points=self.settings.max_points) for p in prompts]
         for p in parsed:
@@ -234,8 +242,12 @@ class Pipelines:
         entry = model.cache_key(key)
         mask_inputs = [self._refined_logits(p, entry) for p in parsed]
         with timer.stage("encode_image"):
-            embedding = model.embed_cached(image, key, self.cache, size, guard=guard)
+            embedding = model.embed_cached(
+                image, key, self.cache, size, guard=guard.encoding if guard is not None else None
+            )
         out.result["embedding_cache"] = "miss" if encoded else "hit"
+        if guard is not None and not encoded:
+            guard.held(entry)
         if any(m is not None for m in mask_inputs):
             out.result["refined"] = [p.refine for p in parsed if p is not None and p.refine]
         with timer.stage("decode_prompt"):
@@ -284,7 +296,7 @@ class Pipelines:
         """The masks of ``prompt``, or with ``prompts`` one mask set per prompt from one
         batched decoder call (``result["prompts"][i]["masks"]``, files
         ``prompt_<i>_mask_<j>.png``). ``job_id`` keeps each prompt's best logits for a
-        later ``refine``; ``guard`` as for ``Sam2Model.embed_cached``."""
+        later ``refine``; ``guard``: see ``EncodeGuard``."""
         options = _options("segment", options, kwargs)
         if prompts is not None and prompt is not None:
             raise InvalidPrompt("give either 'prompt' or 'prompts', not both")

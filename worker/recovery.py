@@ -16,6 +16,12 @@ every few seconds gives back each unacknowledged message that no live worker hol
 A message is considered only once it is older than one heartbeat TTL, by which time the
 worker that received it has listed it. A slow job is never taken from a live worker: its
 worker keeps beating and listing it however long it runs.
+
+The same sweep empties the own queue (``segq.worker.<hostname>``, embedding affinity) of
+every worker that is not alive back onto the shared queue of each job's task, so a job
+routed to a worker that died before taking it is not stranded there. Each message moves in
+one transaction (never lost or doubled) and is re-addressed to the shared queue, so a later
+retry or restore of it goes there too.
 """
 
 from __future__ import annotations
@@ -24,12 +30,13 @@ import json
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import redis
 from celery import Celery
 
+from config.affinity import WORKER_QUEUE_PREFIX, queue_owner
 from config.queues import UNACKED_HASH, readable_broker
 from config.status import StatusStore, redis_client
 from config.workers import WorkerRegistry
@@ -67,6 +74,7 @@ class SweepReport:
     restored: list[str]  # job ids given back to their queues
     dropped: list[str]  # job ids already final whose acknowledgement was lost
     held: int  # unacknowledged messages that live workers hold
+    drained: dict[str, int] = field(default_factory=dict)  # dead worker's queue -> jobs moved
 
 
 class Recovery:
@@ -103,11 +111,57 @@ class Recovery:
             self.broker.delete(LOCK_KEY)
 
     def _sweep(self) -> SweepReport:
+        report = SweepReport([], [], 0)
+        self._restore_unacked(report)
+        self._drain_dead_queues(report)  # after the restores, which may refill them
+        return report
+
+    def _drain_dead_queues(self, report: SweepReport) -> None:
+        owners = {}
+        for key in self.broker.scan_iter(match=f"{WORKER_QUEUE_PREFIX}*", count=500, _type="list"):
+            name = key.decode() if isinstance(key, bytes) else key
+            owner = queue_owner(name)
+            if owner:
+                owners[name] = owner
+        if not owners:
+            return
+        alive = self.registry.alive(owners.values())
+        for queue, owner in owners.items():
+            if owner not in alive:
+                moved = self._drain(queue)
+                if moved:
+                    report.drained[queue] = moved
+        if report.drained:
+            log.warning("recovery: moved the jobs waiting for dead workers back to the shared "
+                        "queues: %s", report.drained)  # fmt: skip
+
+    def _drain(self, queue: str) -> int:
+        """Move every message of ``queue`` to the shared queue of its task, oldest first."""
+        routes = self.app.conf.task_routes or {}
+        default = self.app.conf.task_default_queue
+        moved = 0
+        with self.broker.pipeline() as pipe:
+            while True:
+                try:
+                    pipe.watch(queue)
+                    raw = pipe.lindex(queue, -1)  # consumers pop from the right: the oldest
+                    if raw is None:
+                        pipe.unwatch()
+                        return moved
+                    target, body = _readdressed(raw, routes, default)
+                    pipe.multi()
+                    pipe.rpop(queue)
+                    pipe.rpush(target, body)  # next in line there: it has waited already
+                    pipe.execute()
+                    moved += 1
+                except redis.WatchError:
+                    continue
+
+    def _restore_unacked(self, report: SweepReport) -> None:
         settled_before = time.time() - self.registry.ttl_s
         tags = self.broker.zrangebyscore(UNACKED_INDEX, "-inf", settled_before)
-        report = SweepReport([], [], 0)
         if not tags:
-            return report
+            return
         held = {
             job_id
             for record in self.registry.all_alive().values()
@@ -135,7 +189,6 @@ class Recovery:
                 "finished one(s) whose acknowledgement was lost",
                 len(report.restored), ", ".join(report.restored[:10]), len(report.dropped),
             )  # fmt: skip
-        return report
 
     def start(self) -> "Recovery":
         self._thread = threading.Thread(target=self._run, name="segq-recovery", daemon=True)
@@ -155,6 +208,21 @@ class Recovery:
                 log.warning("recovery sweep skipped: %s", err)
             except Exception:  # noqa: BLE001  the sweep must outlive any one bad entry
                 log.exception("recovery sweep failed")
+
+
+def _readdressed(raw: bytes, routes: dict, default: str) -> tuple[str, bytes]:
+    """The shared queue for a message of a dead worker's own queue, and the message
+    addressed to it (anonymous exchange, routing key = the queue, as kombu reads it)."""
+    try:
+        message = json.loads(raw)
+        task = message.get("headers", {}).get("task")
+        route = routes.get(task) if isinstance(routes, dict) else None
+        target = (route or {}).get("queue") or default
+        info = message.setdefault("properties", {}).setdefault("delivery_info", {})
+        info.update(exchange="", routing_key=target)
+        return target, json.dumps(message).encode()
+    except (ValueError, AttributeError, TypeError):
+        return default, raw  # not ours to read: moved as it is
 
 
 def _job_id(raw: Any) -> Optional[str]:

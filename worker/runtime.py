@@ -22,6 +22,7 @@ from config.status import StatusStore
 from config.storage import Storage
 from config.workers import Heartbeat, WorkerRegistry
 from worker import metrics
+from worker.affinity import WorkerAffinity
 from worker.inference.registry import ModelRegistry
 from worker.pipelines import Pipelines
 
@@ -46,6 +47,9 @@ class Runtime:
         )
         self.workers = WorkerRegistry(self.status.redis, ttl_s=settings.worker_heartbeat_ttl_s)
         self.heartbeat: Optional[Heartbeat] = None
+        # embedding affinity, once the worker knows its hostname (``start_heartbeat``)
+        self.affinity: Optional[WorkerAffinity] = None
+        self.pipelines.cache.on_evict = self._evicted
         self.providers: dict[str, str] = {}
         self.load_seconds: float = 0.0
         self.ready = False
@@ -71,16 +75,34 @@ class Runtime:
             ", ".join(f"{m} on {p}" for m, p in self.providers.items()) or "none",
         )
 
-    def start_heartbeat(self, hostname: str, info: Callable[[], dict[str, Any]]) -> None:
-        """Beat for this worker process from now on (once it consumes), with ``info()``."""
+    def start_heartbeat(
+        self, hostname: str, info: Callable[[], dict[str, Any]], *, affinity: bool = False
+    ) -> None:
+        """Beat for this worker process from now on (once it consumes), with ``info()``;
+        ``affinity``: this process runs the jobs of its own queue and claims the embeddings
+        it holds (``worker.affinity``), refreshed with each beat."""
+        if affinity and self.affinity is None:
+            self.affinity = WorkerAffinity(
+                self.status.redis, hostname,
+                heartbeat_ttl_s=self.settings.worker_heartbeat_ttl_s,
+                lease_s=self.settings.encode_lease_s,
+            )  # fmt: skip
         if self.heartbeat is None:
-            self.heartbeat = Heartbeat(self.workers, hostname, info).start()
+            on_beat = self.affinity.refresh if self.affinity is not None else None
+            self.heartbeat = Heartbeat(self.workers, hostname, info, on_beat=on_beat).start()
 
     def stop_heartbeat(self) -> None:
-        """A warm shutdown: this worker is gone at once, not after its heartbeat expires."""
+        """A warm shutdown: this worker is gone at once, not after its heartbeat expires,
+        and claims no embeddings any more."""
         if self.heartbeat is not None:
             self.heartbeat.stop(gone=True)
             self.heartbeat = None
+        if self.affinity is not None:
+            self.affinity.drop_all()
+
+    def _evicted(self, entry: str) -> None:
+        if self.affinity is not None:
+            self.affinity.evicted(entry)
 
     def health(self) -> dict:
         """Readiness for ``segq health``: models loaded and a small inference that

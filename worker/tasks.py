@@ -17,7 +17,8 @@ from kombu.exceptions import OperationalError
 from config.contract import TASKS, check_job_id
 from config.errors import InvalidPayload
 from worker.hardening import CheckedRequest
-from worker.jobs import Delivery, LeaveQueued, RetryLater, execute, refuse_message
+from config.affinity import queue_owner
+from worker.jobs import Delivery, LeaveQueued, MoveTo, RetryLater, execute, refuse_message
 
 log = logging.getLogger("segq.worker")
 
@@ -37,10 +38,12 @@ def run(task: Task, args: tuple, kwargs: dict) -> Optional[dict[str, Any]]:
         )
         refuse_message(runtime, task.request.id, task.name, err)
         return None
+    routed_to = (task.request.delivery_info or {}).get("routing_key")
     delivery = Delivery(
         job_id=task.request.id,
         worker=task.request.hostname or "unknown",
         retries=task.request.retries,
+        may_reroute=queue_owner(routed_to) is None,  # a job sent to this worker stays here
     )
     try:
         return execute(runtime, args[0], delivery)
@@ -49,6 +52,11 @@ def run(task: Task, args: tuple, kwargs: dict) -> Optional[dict[str, Any]]:
             raise task.retry(countdown=later.countdown) from later.error
         except OperationalError as exc:  # the broker is away too: keep the message itself
             raise Reject(f"broker unreachable for the retry: {exc}", requeue=True) from exc
+    except MoveTo as move:  # to the worker holding the image's embedding, at once
+        try:
+            raise task.retry(countdown=0, queue=move.queue)
+        except OperationalError as exc:
+            raise Reject(f"broker unreachable for the move: {exc}", requeue=True) from exc
     except LeaveQueued as why:
         raise Reject(str(why), requeue=True) from why
 
