@@ -90,3 +90,23 @@ def test_the_queue_benchmark_runs_a_real_worker(
     memory = bench_memory(models, redis_server, s3_server, photo, rounds=1)
     assert set(memory["jobs"]) == {"segment", "panoptic", "cutout", "overlay"}
     assert memory["peak_mb"] >= memory["steady_mb"] > 0
+
+
+def test_the_affinity_benchmark_runs_click_sessions_on_and_off(
+    redis_server, s3_server, sam2_repo, tmp_path, monkeypatch
+) -> None:
+    """bench.affinity on the tiny models: with affinity every later click hits its image's
+    embedding and no image is encoded twice."""
+    import shutil
+
+    from bench.affinity import bench_affinity
+
+    shutil.copytree(sam2_repo, tmp_path / "sam2")
+    s3_server.start()
+    for name, value in s3_server.env().items():  # as bench.queue.local_services does
+        monkeypatch.setenv(name, value)
+    report = bench_affinity(tmp_path, redis_server, s3_server, workers=2, images=3, clicks=3,
+                            size=(96, 64))  # fmt: skip
+    on, off = report["runs"]["on"], report["runs"]["off"]
+    assert on["cache_hit_rate_later_clicks"] == 1.0 and on["duplicate_encodes"] == 0
+    assert on["clicks"] == off["clicks"] == 9 and off["encodes"] >= 3
