@@ -306,11 +306,15 @@ class AsyncJob:
     """A handle on one submitted job, for ``AsyncSegmentationClient``: ``Job``'s methods,
     awaitable."""
 
-    def __init__(self, client: "AsyncSegmentationClient", job_id: str, task: str, created: bool = True) -> None:
+    def __init__(
+        self, client: "AsyncSegmentationClient", job_id: str, task: str, created: bool = True,
+        queue: Optional[str] = None,
+    ) -> None:  # fmt: skip
         self.client = client
         self.id = job_id
         self.task = task
         self.created = created
+        self.queue = queue
 
     async def status(self) -> JobStatus:
         return await self.client.status(self.id)
@@ -347,7 +351,7 @@ class AsyncSegmentationClient:
 
     async def submit(self, task: str, image: str, prompt: PromptLike = None, **kwargs: Any) -> AsyncJob:
         job = await asyncio.to_thread(self.sync.submit, task, image, prompt, **kwargs)
-        return AsyncJob(self, job.id, job.task, job.created)
+        return AsyncJob(self, job.id, job.task, job.created, job.queue)
 
     async def segment(self, image: str, prompt: PromptLike = None, **kwargs: Any) -> AsyncJob:
         return await self.submit("segment", image, prompt, **kwargs)

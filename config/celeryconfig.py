@@ -44,6 +44,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "socket_keepalive": True,
         "health_check_interval": 10,
         "retry_on_timeout": True,
+        # a worker's own queue (embedding affinity: cheap prompts) before the shared ones
+        "queue_order_strategy": "config.affinity:OwnQueueFirst",
     }
     return {
         "broker_url": settings.broker,
