@@ -107,7 +107,7 @@ class SegmentationClient:
         return Storage(self.settings)
 
     @cached_property
-    def router(self) -> Router:
+    def _router(self) -> Router:
         """Where jobs go: SAM jobs on an image whose embedding a live worker holds go to
         that worker's own queue (``SEGQ_AFFINITY``; ``config.affinity``)."""
         return Router(self._status.redis)
@@ -162,7 +162,7 @@ class SegmentationClient:
                 self._status.create(job_id, name, image)
             queue = task_queues(self.settings)[name]
             if self.settings.affinity:
-                queue = self.router.route(request, queue)
+                queue = self._router.route(request, queue)
             try:
                 self.celery.send_task(
                     name, args=[body], task_id=job_id, queue=queue,

@@ -234,3 +234,14 @@ def test_the_sweep_moves_a_dead_workers_queue_to_the_shared_queue(redis_url: str
     assert {m["properties"]["delivery_info"]["routing_key"] for m in moved} == {settings.queue_interactive}
     batch = json.loads(client.lrange(settings.queue_batch, 0, -1)[0])
     assert batch["headers"]["id"] == ids[2]
+
+
+def test_a_worker_polls_its_own_queue_first_and_the_shared_ones_round_robin() -> None:
+    from kombu.utils.scheduling import cycle_by_name
+
+    settings = Settings()
+    cycle = cycle_by_name(celery_config(settings)["broker_transport_options"]["queue_order_strategy"])()
+    cycle.update(["segq.interactive", "segq.batch", worker_queue("w@t")])
+    assert cycle.consume(3) == [worker_queue("w@t"), "segq.interactive", "segq.batch"]
+    cycle.rotate("segq.interactive")
+    assert cycle.consume(3) == [worker_queue("w@t"), "segq.batch", "segq.interactive"]

@@ -20,6 +20,7 @@ from kombu import Connection
 from prometheus_client.parser import text_string_to_metric_families
 
 from api_client.dev.localstack import RedisServer, free_ports
+from config.affinity import worker_queue
 from config.contract import TASK_SEGMENT, JobState
 from config.errors import JobFailed
 from tests.support.images import sample_jpeg
@@ -166,7 +167,7 @@ def test_flower_shows_the_worker_and_the_finished_task_without_secrets(obs, flow
     )
     assert TASK_SEGMENT in workers[worker]["registered"]
     assert {q["name"] for q in workers[worker]["active_queues"]} == {
-        obs.settings.queue_interactive, obs.settings.queue_batch}
+        obs.settings.queue_interactive, obs.settings.queue_batch, worker_queue(worker)}
 
     job = obs.client.segment(photo_uri, {"point": [321, 123]})
     assert job.wait(timeout=60).state is JobState.succeeded

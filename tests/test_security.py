@@ -288,8 +288,8 @@ def test_s3_credentials_never_reach_logs_statuses_or_manifests(
 ) -> None:
     s3 = stack.s3
     wrong_secret = "wrong-" + uuid.uuid4().hex
-    denied = stack.settings.model_copy(
-        update={"queue_interactive": "segq.denied", "queue_batch": "segq.denied-batch"}
+    denied = stack.settings.model_copy(  # affinity off: its job must not follow the embedding
+        update={"queue_interactive": "segq.denied", "queue_batch": "segq.denied-batch", "affinity": False}
     )
     denied_worker = WorkerProcess(
         denied,
