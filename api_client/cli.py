@@ -45,6 +45,10 @@ def _prompt(args: argparse.Namespace) -> Optional[dict[str, Any]]:
         raise SystemExit("segq: --label needs --point")
     if args.box:
         prompt["box"] = _pair(args.box, 4, "--box")
+    if getattr(args, "refine", None):
+        if not prompt:
+            raise SystemExit("segq: --refine needs the new click: --point or --box")
+        prompt["refine"] = args.refine
     return prompt or None
 
 
@@ -78,6 +82,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         _prompt(args),
         idempotency_key=args.idempotency_key,
         callback_url=args.callback_url,
+        image_id=args.image_id,
         **options,
     )
     print(job.id)
@@ -190,6 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--point", action="append", metavar="X,Y", help="a prompt point (repeatable)")
     p.add_argument("--label", action="append", choices=["0", "1"], help="label per --point")
     p.add_argument("--box", metavar="X,Y,W,H")
+    p.add_argument("--refine", metavar="JOB_ID", help="refine that earlier job's mask on this image")
+    p.add_argument("--image-id", help="your own name for the image's content (embedding affinity)")
     p.add_argument("--multimask", action="store_true")
     p.add_argument("--min-score", type=float)
     p.add_argument("--option", action="append", metavar="KEY=JSON", help="any other option")

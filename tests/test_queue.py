@@ -145,6 +145,10 @@ def test_cli_submit_status_wait_through_the_entry_point(stack):
     assert json.loads(status.stdout)["result"]["masks"]
     waited = run("wait", job_id, "--urls")
     assert waited.returncode == 0 and "mask_0.png: http://127.0.0.1" in waited.stdout
+    refined = run("submit", "segment", uri, "--point", "30,50", "--refine", job_id, "--image-id", "tall",
+                  "--wait", "--timeout", "60")
+    assert refined.returncode == 0, refined.stderr
+    assert json.loads(refined.stdout[len(refined.stdout.splitlines()[0]):])["result"]["refined"] == [job_id]
     bad = run("submit", "segment", uri, "--point", "99999,1", "--wait", "--timeout", "60")
     assert bad.returncode == 2 and "prompt_out_of_bounds" in bad.stderr
     unknown = run("status", "nope")
