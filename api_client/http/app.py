@@ -622,13 +622,19 @@ def _install_docs(app: FastAPI) -> None:
     if swagger_ui_path:
         app.mount("/docs-assets", StaticFiles(directory=str(swagger_ui_path)), name="docs-assets")
 
+    @app.get("/docs/openapi-3.0.json", include_in_schema=False)
+    def openapi_30() -> JSONResponse:
+        # The bundled Swagger UI (4.x) renders OpenAPI 3.0 documents only; FastAPI's is
+        # 3.1, whose differences (nullable as anyOf null, examples lists) it shows as is.
+        return JSONResponse({**app.openapi(), "openapi": "3.0.3"})
+
     @app.get("/docs", include_in_schema=False)
     def docs() -> HTMLResponse:
         if swagger_ui_path:
             from fastapi.openapi.docs import get_swagger_ui_html
 
             return get_swagger_ui_html(
-                openapi_url="/openapi.json", title="segq API",
+                openapi_url="/docs/openapi-3.0.json", title="segq API",
                 swagger_js_url="/docs-assets/swagger-ui-bundle.js",
                 swagger_css_url="/docs-assets/swagger-ui.css",
                 swagger_favicon_url="/docs-assets/favicon-32x32.png",
