@@ -166,10 +166,6 @@ def cmd_metrics(args: argparse.Namespace) -> int:
     return 0
 
 
-# Request headers past this are refused by uvicorn (h11) before the app sees them.
-MAX_HEADER_BYTES = 16 << 10
-
-
 def cmd_api(args: argparse.Namespace) -> int:
     """``segq api``: the HTTP API on uvicorn until interrupted."""
     from api_client.http.auth import is_loopback
@@ -180,6 +176,7 @@ def cmd_api(args: argparse.Namespace) -> int:
         import uvicorn
 
         from api_client.http import create_app
+        from api_client.http.app import MAX_HEADER_BYTES
     except ImportError as err:
         raise DependencyMissing(f"segq api needs the api extra: pip install 'segq[api]' ({err})") from None
     settings = get_settings()

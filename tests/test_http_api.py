@@ -176,6 +176,19 @@ def test_bad_requests_get_their_status_and_code(api: Api, body: Any, status: int
     assert errors_of(answer)["code"] == code
 
 
+def test_bodies_and_headers_are_bounded(api: Api) -> None:
+    def chunks() -> Iterator[bytes]:  # no Content-Length: counted as it arrives
+        yield b'{"task": "segment", "image": "s3://segq-input/a.jpg", "x": "'
+        for _ in range(20):
+            yield b"y" * 8192
+        yield b'"}'
+
+    chunked = api.http.post("/v1/jobs", content=chunks(), headers={**api.auth(), "Content-Type": "application/json"})
+    assert chunked.status_code == 413 and errors_of(chunked)["code"] == "payload_too_large"
+    huge_header = api.http.get("/healthz", headers={"X-Padding": "p" * 20_000})
+    assert huge_header.status_code == 431 and errors_of(huge_header)["code"] == "headers_too_large"
+
+
 def test_auth_and_lookup_errors(api: Api) -> None:
     body = {"task": "segment", "image": "s3://segq-input/a.jpg"}
     for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": api.keys["main"]}):

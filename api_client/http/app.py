@@ -82,6 +82,8 @@ log = logging.getLogger("segq.api")
 # One S3 event is a few KB (MinIO sends one per request); the old endpoint took 1 MiB.
 EVENTS_MAX_BODY_BYTES = 1 << 20
 KEEPALIVE_S = 15.0
+# All request headers together; uvicorn (h11) also refuses an unfinished head past this.
+MAX_HEADER_BYTES = 16 << 10
 
 # The HTTP status of each error family, most specific first.
 STATUSES: list[tuple[type[SegqError], int]] = [
@@ -533,9 +535,9 @@ class _BodyTooLarge(Exception):
 
 
 class BodyLimit:
-    """Bounds request bodies (413 ``payload_too_large``): by Content-Length up front, and
-    by counting what arrives for chunked bodies. Headers are bounded by uvicorn's h11
-    limit (``segq api`` sets it)."""
+    """Bounds requests: headers to ``MAX_HEADER_BYTES`` (431), bodies (413
+    ``payload_too_large``) by Content-Length up front and by counting what arrives for
+    chunked ones."""
 
     def __init__(self, app: Any, limit: int, limits: Optional[dict[str, int]] = None) -> None:
         self.app = app
@@ -546,6 +548,12 @@ class BodyLimit:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         limit = self.limits.get(scope.get("path", ""), self.limit)
+        header_bytes = sum(len(k) + len(v) + 4 for k, v in scope.get("headers") or [])
+        if header_bytes > MAX_HEADER_BYTES:
+            response = error_response(431, "headers_too_large",
+                                      f"the request headers are over {MAX_HEADER_BYTES} bytes",
+                                      headers={"Connection": "close"})  # fmt: skip
+            return await response(scope, _no_receive, send)
         length = dict(scope.get("headers") or []).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > limit:
             return await self._too_large(limit, send)
@@ -576,7 +584,7 @@ class BodyLimit:
     async def _too_large(self, limit: int, send: Callable) -> None:
         response = error_response(413, PayloadTooLarge.code, f"the request body is over {limit} bytes",
                                   headers={"Connection": "close"})  # fmt: skip
-        await response({"type": "http"}, _no_receive, send)
+        await response({"type": "http"}, _no_receive, send)  # type: ignore[arg-type]
 
 
 async def _no_receive() -> dict:
