@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 # torch and transformers, for the exporter, the benchmark's PyTorch side and the fidelity
 # checks against transformers. torch is pinned to the CPU build this project is tested with.
 $(VENV)/.export: $(VENV)/.installed
-	$(PY) -m pip install -q 'torch==2.13.0'
+	$(PY) -m pip install -q 'torch==2.13.0' 'torchvision==0.28.0'
 	$(PY) -m pip install -q -e '.[cpu,test,dev,export]'
 	touch $@
 

@@ -11,11 +11,8 @@ each job is a ratio measured within the job itself.
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -26,7 +23,7 @@ from typing import Any, Callable, Iterator, Optional
 import numpy as np
 
 from api_client.client import SegmentationClient
-from api_client.health import ask_workers
+from api_client.dev.processes import WorkerProcess
 from api_client.dev.localstack import RedisServer, S3Server
 from bench.pipeline import STAGES
 from config.contract import JobState
@@ -47,61 +44,25 @@ def local_services() -> Iterator[tuple[RedisServer, S3Server]]:
         yield redis, s3
 
 
-class Worker:
-    """One ``segq worker`` subprocess with the given pool, concurrency and settings."""
+class Worker(WorkerProcess):
+    """A ``segq worker`` subprocess (``api_client.dev.processes``), its log in a folder of
+    its own for the length of the run, and its resident memory."""
 
-    def __init__(self, settings: Settings, s3: S3Server, *, pool: str, concurrency: int) -> None:
-        self.settings = settings
-        self.hostname = f"bench-{uuid.uuid4().hex[:6]}@{pool}{concurrency}"
-        env = {**os.environ, **s3.env(), **_settings_env(settings), "PYTHONUNBUFFERED": "1"}
-        self.log = tempfile.NamedTemporaryFile(
-            prefix="segq-bench-worker-", suffix=".log", delete=False
-        )
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "api_client.cli", "worker", "--pool", pool,
-             "--concurrency", str(concurrency), "--hostname", self.hostname, "--loglevel", "INFO"],
-            env=env, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT,
+    def __init__(self, settings: Settings, *, pool: str, concurrency: int) -> None:
+        self._logs = tempfile.TemporaryDirectory(prefix="segq-bench-worker-")
+        super().__init__(
+            settings, Path(self._logs.name), pool=pool, concurrency=concurrency,
+            name="bench", host=f"{pool}{concurrency}", cwd=REPO,
         )  # fmt: skip
-        self.pool, self.concurrency = pool, concurrency
-
-    def wait_ready(self, timeout: float = 180.0) -> None:
-        """Until the worker answers ready (prefork: until every child has loaded its models)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"worker exited with {self.proc.returncode}: {self.log_tail()}")
-            report = ask_workers(self.settings, hostname=self.hostname, timeout=1.0).get(
-                self.hostname
-            )
-            if report and (report.get("ready") or self._children_loaded()):
-                return
-            time.sleep(0.5)
-        raise TimeoutError(f"worker not ready after {timeout:.0f}s: {self.log_tail()}")
-
-    def _children_loaded(self) -> bool:
-        """A prefork worker's main process holds no models (its children do, loaded after
-        the fork), so it never answers ready; each child logs when its models are."""
-        return (
-            self.pool == "prefork" and self.log_tail(None).count("models ready") >= self.concurrency
-        )
 
     def rss_bytes(self) -> int:
         """Resident memory of the worker and its pool children, together."""
-        return _rss(self.proc.pid) + sum(_children_rss(self.proc.pid))
-
-    def log_tail(self, chars: Optional[int] = 3000) -> str:
-        text = Path(self.log.name).read_text(errors="replace")
-        return text[-chars:] if chars else text
+        assert self.pid is not None
+        return _rss(self.pid) + sum(_children_rss(self.pid))
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        Path(self.log.name).unlink(missing_ok=True)
+        self.terminate(timeout=30)
+        self._logs.cleanup()
 
 
 def bench_queue(
@@ -137,9 +98,9 @@ def bench_queue(
     )
     client = SegmentationClient(settings)
     started = time.perf_counter()
-    worker = Worker(settings, s3, pool=pool, concurrency=concurrency)
+    worker = Worker(settings, pool=pool, concurrency=concurrency).start(wait=False)
     try:
-        worker.wait_ready()
+        worker.wait_ready(timeout=180)
         ready_s = time.perf_counter() - started
         uris = [
             client.upload(photo, f"bench/{uuid.uuid4().hex}.jpg")
@@ -228,13 +189,15 @@ def bench_memory(
         **(settings_overrides or {}),
     )
     client = SegmentationClient(settings)
-    worker = Worker(settings, s3, pool=settings.pool, concurrency=settings.concurrency)
+    worker = Worker(settings, pool=settings.pool, concurrency=settings.concurrency)
+    worker.start(wait=False)
     width, height = _size(photo)
     prompt = {"point": [width * 0.5, height * 0.5]}
     jobs: dict[str, dict[str, float]] = {}
     try:
-        worker.wait_ready()
-        pid = worker.proc.pid
+        worker.wait_ready(timeout=180)
+        pid = worker.pid
+        assert pid is not None
         started = {"rss_mb": _rss(pid) / 2**20, "peak_mb": _peak(pid) / 2**20}
         for r in range(rounds):
             for task in MEMORY_JOBS:
@@ -298,15 +261,6 @@ def _size(photo: bytes) -> tuple[int, int]:
     from PIL import Image
 
     return Image.open(BytesIO(photo)).size
-
-
-def _settings_env(settings: Settings) -> dict[str, str]:
-    """The SEGQ_* variables that give another process the settings made here."""
-    values = settings.model_dump(mode="json", exclude_unset=True, exclude_none=True)
-    return {
-        f"SEGQ_{name.upper()}": v if isinstance(v, str) else json.dumps(v)
-        for name, v in values.items()
-    }
 
 
 def _rss(pid: int) -> int:

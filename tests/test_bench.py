@@ -14,7 +14,6 @@ import onnxruntime as ort
 from PIL import Image
 
 from bench.pipeline import JOBS, bench_pipelines, photo_jpeg
-from bench.queue import _settings_env
 from bench.run import format_pipelines, gpu_status, main
 from config import Settings
 
@@ -52,7 +51,7 @@ def test_a_worker_gets_exactly_the_settings_made_here(tmp_path) -> None:
     code = "from config import Settings; print(Settings().model_dump_json())"
     out = subprocess.run(
         [sys.executable, "-c", code],
-        env={**env, **_settings_env(settings)},
+        env={**env, **settings.to_env()},
         capture_output=True,
         text=True,
         check=True,
@@ -71,3 +70,23 @@ def test_a_gpu_run_where_there_is_none_says_so() -> None:
         assert status["available"] is True
     else:
         assert status["available"] is False and status["note"].startswith("no GPU here")
+
+
+def test_the_queue_benchmark_runs_a_real_worker(
+    sam2_repo, detr_repo, redis_server, redis_url, s3_server, settings, tmp_path
+) -> None:
+    """Parts 3 and 4b (end to end, memory) through a ``segq worker`` subprocess on the tiny
+    models: every job succeeds and the report carries its figures."""
+    from bench.queue import bench_memory, bench_queue
+
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "sam2").symlink_to(sam2_repo)
+    (models / "detr").symlink_to(detr_repo)
+    photo = photo_jpeg(320, 240)
+    queue = bench_queue(models, redis_server, s3_server, photo, sequential=2, burst=2)
+    assert queue["burst"]["jobs_per_s"] > 0 and queue["rss_mb"] > 0
+    assert queue["latency_ms"]["p50"] >= queue["pipeline_ms"] > 0
+    memory = bench_memory(models, redis_server, s3_server, photo, rounds=1)
+    assert set(memory["jobs"]) == {"segment", "panoptic", "cutout", "overlay"}
+    assert memory["peak_mb"] >= memory["steady_mb"] > 0

@@ -103,14 +103,14 @@ def test_panoptic_segments(model: DetrPanopticModel, width: int, height: int) ->
     sky_queries = [q for q in DETR_QUERIES if q.label_id == SKY]
     assert sky.label == "sky" and not sky.isthing  # the config's real name wins
     assert sky.score == pytest.approx(max(q.score for q in sky_queries), rel=1e-5)
-    assert_mask_is(result.mask(sky.id), rect_mask((0.0, 0.0, 1.0, 0.3), width, height))
+    assert_mask_is(result.segmentation == sky.id, rect_mask((0.0, 0.0, 1.0, 0.3), width, height))
 
     persons = by_label[PERSON]  # two persons stay two segments
     assert len(persons) == 2 and all(p.isthing and p.label == "person" for p in persons)
     for segment, query in zip(persons, [q for q in DETR_QUERIES if q.label_id == PERSON]):
         assert segment.score == pytest.approx(query.score, rel=1e-5)
         expected = rect_mask(query.rect, width, height)
-        assert_mask_is(result.mask(segment.id), expected)
+        assert_mask_is(result.segmentation == segment.id, expected)
         ys, xs = np.nonzero(expected)
         x, y, w, h = segment.bbox
         assert abs(x - xs.min()) <= 1 and abs(y - ys.min()) <= 1

@@ -80,7 +80,7 @@ def load_image(
 
     ``reduce_to``: for a JPEG at least twice as large as needed, let libjpeg decode at 1/2,
     1/4 or 1/8 scale (its scaled inverse DCT), keeping both sides at least ``reduce_to``.
-    A 4000x3000 JPEG decodes at half scale in half the time (11 ms against 22 here), but
+    A JPEG decodes at half scale in about half the time, but
     the pixels are not those of a full decode followed by a resize: each is roughly the mean
     of its block (a box filter), chroma is upsampled differently, and the last row and
     column may stand for a partial block. Resized to SAM's 1024x1024 input, the two differ

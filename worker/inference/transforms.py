@@ -150,8 +150,8 @@ def upsample_mask(
 ) -> np.ndarray:
     """``resize_bilinear(logits, height, width) > threshold`` as a bool mask, computed in
     row blocks so the float image never exists at full size (compiled, on a thread per
-    core, where numba is installed: 12 MP 14 -> ~4 ms; ``upsample_mask_reference`` is the
-    numpy path, and tests hold the two equal)."""
+    core, where numba is installed; ``upsample_mask_reference`` is the numpy path, and tests
+    hold the two equal)."""
     logits = np.asarray(logits, np.float32)
     if _threshold_rows is None or logits.ndim != 2:
         return upsample_mask_reference(logits, height, width, threshold)
