@@ -3,7 +3,8 @@ pip package only; it downloads no browser) against ``segq api`` and the real sta
 
 Upload a photo, click: a mask appears where clicked (read from the canvas's pixels); a
 second click reuses the image's embedding (the job's own status says ``embedding_cache:
-hit`` and its encoder stage took less than the first); the candidates switch; the cutout
+hit`` and its encoder stage took less than the first); the candidates switch; shift-click
+adds a background point; a dragged box becomes the prompt's box; the cutout
 downloads as an RGBA PNG; the panoptic view lists labelled segments; a text file ends in
 an error the page says in words; /docs renders with no request leaving loopback.
 
@@ -100,6 +101,24 @@ def click_image(page, x: float, y: float) -> str:  # type: ignore[no-untyped-def
     return page.evaluate("document.body.dataset.lastJob")
 
 
+def drag_image(page, x0: float, y0: float, x1: float, y1: float) -> str:  # type: ignore[no-untyped-def]
+    """Drag a box on the photo between image pixels; the id of the job it made."""
+    before = page.evaluate("document.body.dataset.lastJob || ''")
+    box = page.locator("#ink").bounding_box()
+    scale = box["width"] / page.evaluate("document.getElementById('ink').width")
+    page.mouse.move(box["x"] + x0 * scale, box["y"] + y0 * scale)
+    page.mouse.down()
+    page.mouse.move(box["x"] + (x0 + x1) / 2 * scale, box["y"] + (y0 + y1) / 2 * scale, steps=3)
+    page.mouse.move(box["x"] + x1 * scale, box["y"] + y1 * scale, steps=3)
+    page.mouse.up()
+    page.wait_for_function(f"(document.body.dataset.lastJob || '') !== {before!r}")
+    return page.evaluate("document.body.dataset.lastJob")
+
+
+def manifest(api_url: str, job_id: str) -> dict:
+    return httpx.get(f"{api_url}/v1/jobs/{job_id}/outputs/manifest.json", timeout=10).json()
+
+
 def job(api_url: str, job_id: str) -> dict:
     return httpx.get(f"{api_url}/v1/jobs/{job_id}", timeout=10).json()
 
@@ -128,6 +147,20 @@ def test_upload_click_mask_cache_candidates_cutout_and_panoptic(page, api_url, t
     page.wait_for_function("document.getElementById('mask').dataset.mask === '2'")
     assert mask_alpha(page, width * 0.32, height * 0.41) == 0  # candidate 3: outside the disk
     assert mask_alpha(page, width * 0.9, height * 0.9) > 0
+
+    # shift-click marks background; the job got labels 1, 1, 0
+    page.keyboard.down("Shift")
+    third = click_image(page, width * 0.8, height * 0.2)
+    page.keyboard.up("Shift")
+    assert manifest(api_url, third)["prompt"]["labels"] == [1, 1, 0]
+
+    # a dragged box, alone: the test decoder's best mask is then the box
+    page.click("#reset")
+    boxed = drag_image(page, width * 0.5, height * 0.5, width * 0.7, height * 0.8)
+    prompt = manifest(api_url, boxed)["prompt"]
+    assert "points" not in prompt and prompt["box"][0] == pytest.approx(width * 0.5, abs=2)
+    assert mask_alpha(page, width * 0.6, height * 0.65) > 0, "no mask inside the box"
+    assert mask_alpha(page, width * 0.2, height * 0.2) == 0, "mask outside the box"
 
     with page.expect_download() as download:
         page.click("#cutout")
