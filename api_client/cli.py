@@ -6,6 +6,8 @@
     segq status JOB_ID | segq wait JOB_ID | segq cancel JOB_ID
     segq health
     segq metrics --port 9809                   queue gauges for an autoscaler, no worker needed
+    segq api --port 8000                       the HTTP API and the try-it page
+    segq api-key create --prefix s3://segq-input/ --rate 60
 
 The worker's commands (``segq worker``, ``segq download-models``) are ``worker.cli``'s,
 added through the ``segq.commands`` entry points.
@@ -169,6 +171,51 @@ def cmd_metrics(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_api(args: argparse.Namespace) -> int:
+    """``segq api``: the HTTP API on uvicorn until interrupted."""
+    from api_client.http.auth import is_loopback
+    from config.errors import DependencyMissing, InvalidConfig
+    from config.settings import get_settings
+
+    try:
+        import uvicorn
+
+        from api_client.http import create_app
+        from api_client.http.app import MAX_HEADER_BYTES
+    except ImportError as err:
+        raise DependencyMissing(f"segq api needs the api extra: pip install 'segq[api]' ({err})") from None
+    settings = get_settings()
+    if not settings.api_keys and not is_loopback(args.host):
+        raise InvalidConfig(
+            f"no SEGQ_API_KEYS: the open API serves loopback only, not {args.host}; "
+            "create a key with `segq api-key create`"
+        )
+    app = create_app(settings)
+    print(f"segq: HTTP API on http://{args.host}:{args.port}/ (docs at /docs)"
+          + ("" if settings.api_keys else ", open: no API keys, loopback only"), flush=True)  # fmt: skip
+    uvicorn.run(
+        app, host=args.host, port=args.port, http="h11", log_level=args.log_level,
+        h11_max_incomplete_event_size=MAX_HEADER_BYTES, timeout_graceful_shutdown=5,
+    )  # fmt: skip
+    return 0
+
+
+def cmd_api_key_create(args: argparse.Namespace) -> int:
+    """Print a new API key once, and the SEGQ_API_KEYS entry that stores its hash."""
+    from config.settings import ApiKey
+
+    from api_client.http.auth import hash_key, new_key
+
+    key = new_key()
+    entry = ApiKey(name=args.name or "", sha256=hash_key(key), prefixes=args.prefix,
+                   rate_per_minute=args.rate)  # fmt: skip
+    line = json.dumps(entry.model_dump(exclude_defaults=False))
+    print(f"API key (shown once; give it to the client): {key}")
+    print("add this entry to the JSON list in SEGQ_API_KEYS:")
+    print(f"  SEGQ_API_KEYS='[{line}]'")
+    return 0
+
+
 def cmd_dev(args: argparse.Namespace) -> int:
     from api_client.dev import run_dev
 
@@ -235,16 +282,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=9809)
     p.set_defaults(func=cmd_metrics)
 
-    from api_client.events.server import cmd_events_serve
+    p = sub.add_parser("api", help="the HTTP API and the try-it page (uvicorn)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(func=cmd_api)
+
+    p = sub.add_parser("api-key", help="HTTP API keys")
+    keys = p.add_subparsers(dest="api_key_command", required=True, metavar="ACTION")
+    p = keys.add_parser("create", help="print a new key and its SEGQ_API_KEYS entry")
+    p.add_argument("--prefix", action="append", required=True, metavar="s3://BUCKET/PREFIX",
+                   help="where its jobs and uploads may be (repeatable)")  # fmt: skip
+    p.add_argument("--rate", type=int, default=60, help="requests a minute (default 60)")
+    p.add_argument("--name", help="a label for logs")
+    p.set_defaults(func=cmd_api_key_create)
+
     from api_client.events.sqs import cmd_events_sqs
 
     p = sub.add_parser("events", help="turn S3 upload events into jobs by SEGQ_EVENT_RULES")
     events = p.add_subparsers(dest="events_command", required=True, metavar="SOURCE")
-    p = events.add_parser("serve", help="an HTTP endpoint for MinIO (or any) S3 event webhooks")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
-    p.add_argument("--port", type=int, default=8090)
-    p.add_argument("--token", help="bearer token senders must present (default: $SEGQ_EVENT_TOKEN)")
-    p.set_defaults(func=cmd_events_serve)
     p = events.add_parser("sqs", help="long-poll an SQS queue of S3 (or SNS-wrapped) events")
     p.add_argument("--queue-url", required=True)
     p.add_argument("--region", help="default: SEGQ_S3_REGION")

@@ -16,6 +16,7 @@ fails at submit time rather than in a worker.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import io
 import json
 import time
@@ -129,10 +130,12 @@ class SegmentationClient:
         **options: Any,
     ) -> Job:
         """Validate and enqueue one job. With ``idempotency_key``, the same key twice
-        (within the status TTL) returns the first job instead of making a second.
-        ``prompts``: several prompts in one job (segment, overlay), one mask set each;
-        ``image_id``: your own name for the image's content, which routes the prompts on
-        it to the worker holding its embedding (default: the URI and ``version_id``)."""
+        (within the status TTL) returns the first job instead of making a second (its
+        ``created`` is False); the same key with a different request raises
+        ``IdempotencyConflict``. ``prompts``: several prompts in one job (segment,
+        overlay), one mask set each; ``image_id``: your own name for the image's content,
+        which routes the prompts on it to the worker holding its embedding (default: the
+        URI and ``version_id``)."""
         name = task_name(task)
         payload: dict[str, Any] = {"task": name, "image": image, "prompt": prompt, "options": options}
         if version_id:
@@ -148,6 +151,11 @@ class SegmentationClient:
             payload, max_bytes=self.settings.max_payload_bytes, max_points=self.settings.max_points
         )
         body = request.model_dump(mode="json", exclude_none=True)
+        # what the request asks for (not when): the same idempotency key with another
+        # request is a conflict, never a silent answer with the first one's job
+        fingerprint = hashlib.sha256(
+            json.dumps({k: v for k, v in body.items() if k != "submitted_at"}, sort_keys=True).encode()
+        ).hexdigest()
         job_id = uuid.uuid4().hex if job_id is None else job_id
         check_job_id(job_id)
         if idempotency_key is not None:
@@ -155,7 +163,9 @@ class SegmentationClient:
 
         with redis_reachable(f"submit a {name} job"):
             if idempotency_key is not None:
-                job_id, created = self._status.idempotent_create(idempotency_key, job_id, name, image)
+                job_id, created = self._status.idempotent_create(
+                    idempotency_key, job_id, name, image, fingerprint=fingerprint
+                )
                 if not created:
                     return Job(self, job_id, name, created=False)
             else:

@@ -38,6 +38,12 @@ SHORT_NAMES = {t.split(".", 1)[1]: t for t in TASKS}
 
 STATUS_KEY = "segq:job:{job_id}"
 IDEMPOTENCY_KEY = "segq:idem:{key}"
+# sha256 of the request an idempotency key was first used with (beside IDEMPOTENCY_KEY,
+# written in the same transaction), so the same key with another request is a conflict
+IDEMPOTENCY_FINGERPRINT_KEY = "segq:idemfp:{key}"
+# every status change of a job is published here (StatusStore._transition), for the HTTP
+# API's Server-Sent Events
+EVENTS_CHANNEL = "segq:events:{job_id}"
 CANCELLED_SET = "segq:cancelled"
 
 
@@ -82,6 +88,10 @@ def task_name(name: str) -> str:
 
 def status_key(job_id: str) -> str:
     return STATUS_KEY.format(job_id=job_id)
+
+
+def events_channel(job_id: str) -> str:
+    return EVENTS_CHANNEL.format(job_id=job_id)
 
 
 def folder(prefix: str) -> str:

@@ -211,6 +211,26 @@ class QueueUnavailable(SegqError):
     retryable = True
 
 
+class IdempotencyConflict(SegqError):
+    """An idempotency key used again with a different request: the first request stands,
+    and the second is refused rather than silently answered with the first one's job."""
+
+    code = "idempotency_conflict"
+
+
+class Unauthorized(SegqError):
+    """A missing, malformed or unknown API key (HTTP 401)."""
+
+    code = "unauthorized"
+
+
+class RateLimited(SegqError):
+    """An API key over its requests-per-minute limit (HTTP 429 with Retry-After)."""
+
+    code = "rate_limited"
+    retryable = True
+
+
 class JobTimeout(SegqError):
     code = "timeout"
 

@@ -17,7 +17,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Optional
 
-from pydantic import Field, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from config.contract import EventRule
@@ -27,6 +27,28 @@ DEFAULT_SAM2_REPO = "SharpAI/sam2-hiera-tiny-onnx"
 DEFAULT_DETR_REPO = "Xenova/detr-resnet-50-panoptic"
 
 MODEL = {"affects": "models"}  # json_schema_extra of the settings a loaded model depends on
+
+
+class ApiKey(BaseModel):
+    """One key of the HTTP API (``SEGQ_API_KEYS``, a JSON list of these): only the SHA-256
+    of the key is stored; ``prefixes`` are the ``s3://bucket/prefix`` locations its jobs
+    and uploads may use (within ``SEGQ_ALLOWED_INPUTS``), ``rate_per_minute`` its request
+    budget. ``segq api-key create`` makes one."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = ""
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    prefixes: list[str] = Field(min_length=1)
+    rate_per_minute: int = Field(60, ge=1)
+
+    @field_validator("prefixes")
+    @classmethod
+    def _s3_prefixes(cls, value: list[str]) -> list[str]:
+        for prefix in value:
+            if not prefix.startswith("s3://") or not prefix[len("s3://") :].split("/", 1)[0]:
+                raise ValueError(f"an API key's prefixes are s3://bucket/prefix, got {prefix!r}")
+        return value
 
 
 class Settings(BaseSettings):
@@ -229,6 +251,30 @@ class Settings(BaseSettings):
         default_factory=list,
         description="S3 upload rules (config.contract.EventRule as JSON): which new objects "
         "become which jobs.",
+    )
+
+    # --- the HTTP API (segq api) -----------------------------------------------------------
+    api_keys: list[ApiKey] = Field(
+        default_factory=list,
+        description="HTTP API keys as JSON (sha256, prefixes, rate_per_minute; `segq api-key "
+        "create` prints one). Empty: the API is open, and `segq api` serves loopback only.",
+    )
+    api_cors_origins: list[str] = Field(
+        default_factory=list,
+        description="Origins whose pages may call the HTTP API (CORS); ['*'] allows any.",
+    )
+    api_max_body_bytes: int = Field(
+        64 << 10, description="Largest HTTP API request body, bytes (larger is 413)."
+    )
+    api_redis_timeout_s: float = Field(
+        1.5,
+        description="How long an HTTP API request waits for Redis or the broker before it "
+        "answers 503 (the Python client waits ~17 s instead).",
+    )
+    api_upload_prefix: str = Field(
+        "uploads/",
+        description="Key prefix, under a key's allowed prefix, of uploads made through "
+        "POST /v1/uploads.",
     )
 
     @property

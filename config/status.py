@@ -30,8 +30,16 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import AuthenticationError, ConnectionError, TimeoutError
 from redis.retry import Retry
 
-from config.contract import IDEMPOTENCY_KEY, JobErrorInfo, JobState, JobStatus, status_key
-from config.errors import InvalidTransition, JobNotFound, QueueUnavailable
+from config.contract import (
+    IDEMPOTENCY_FINGERPRINT_KEY,
+    IDEMPOTENCY_KEY,
+    JobErrorInfo,
+    JobState,
+    JobStatus,
+    events_channel,
+    status_key,
+)
+from config.errors import IdempotencyConflict, InvalidTransition, JobNotFound, QueueUnavailable
 
 # A producer rides out about 17 s of Redis outage (long enough for Redis to restart and
 # reload its AOF) before it says queue_unavailable; a worker, whose job is already
@@ -64,13 +72,24 @@ class _Retry(Retry):
         return super().call_with_retry(do, fail, retryable, with_failure_count)
 
 
-def redis_client(url: str, *, reconnect_budget_s: float = PRODUCER_RECONNECT_S) -> redis.Redis:
+def redis_client(
+    url: str,
+    *,
+    reconnect_budget_s: float = PRODUCER_RECONNECT_S,
+    socket_timeout_s: Optional[float] = None,
+) -> redis.Redis:
     """A client that survives a Redis restart: commands retry on connection errors and
     timeouts with exponential backoff (capped at 2 s a try) for up to
     ``reconnect_budget_s``. ``redis://:password@host/0`` and ``rediss://`` (TLS) URLs
-    work as they are."""
+    work as they are. ``socket_timeout_s`` bounds each connect and read (the HTTP API's
+    short budget: a Redis that stopped answering is 503 in seconds)."""
+    timeouts = (
+        {} if socket_timeout_s is None
+        else {"socket_timeout": socket_timeout_s, "socket_connect_timeout": socket_timeout_s}
+    )  # fmt: skip
     return redis.Redis.from_url(
         url,
+        **timeouts,
         health_check_interval=HEALTH_CHECK_INTERVAL_S,
         socket_keepalive=True,
         retry=_Retry(reconnect_budget_s),
@@ -132,23 +151,42 @@ class StatusStore:
         return existing if existing is not None else self.create(job_id, task, image)
 
     def idempotent_create(
-        self, idempotency_key: str, job_id: str, task: str, image: Optional[str]
+        self,
+        idempotency_key: str,
+        job_id: str,
+        task: str,
+        image: Optional[str],
+        *,
+        fingerprint: Optional[str] = None,
     ) -> tuple[str, bool]:
         """Create ``job_id`` unless ``idempotency_key`` was used within the TTL; returns
-        the job id the key stands for and whether this call created it."""
+        the job id the key stands for and whether this call created it. With
+        ``fingerprint`` (a digest of the request), reusing the key for a request with
+        another fingerprint raises ``IdempotencyConflict``; keys stored without one match
+        anything."""
         idem_key = IDEMPOTENCY_KEY.format(key=idempotency_key)
+        fp_key = IDEMPOTENCY_FINGERPRINT_KEY.format(key=idempotency_key)
         record = self._new(job_id, task, image)
 
         def claim(pipe: Any) -> tuple[str, bool]:
             first = pipe.get(idem_key)
             if first is not None:
+                stored = pipe.get(fp_key)
+                if fingerprint and stored is not None and _text(stored) != fingerprint:
+                    raise IdempotencyConflict(
+                        f"idempotency key {idempotency_key!r} was used for another request "
+                        f"(job {_text(first)}); use a new key for a new request",
+                        job_id=_text(first),
+                    )
                 return _text(first), False
             pipe.multi()
             pipe.set(idem_key, job_id, nx=True, ex=self.ttl_s)
+            if fingerprint:
+                pipe.set(fp_key, fingerprint, ex=self.ttl_s)
             pipe.set(status_key(job_id), record.model_dump_json(), nx=True, ex=self.ttl_s)
             return job_id, True
 
-        return self.redis.transaction(claim, idem_key, value_from_callable=True)
+        return self.redis.transaction(claim, idem_key, fp_key, value_from_callable=True)
 
     def discard(self, job_id: str, idempotency_key: Optional[str] = None) -> None:
         """Forget a job that was never enqueued: its ``queued`` record, and the
@@ -165,7 +203,7 @@ class StatusStore:
             if queued:
                 pipe.delete(key)
             if points_here:
-                pipe.delete(idem_key)
+                pipe.delete(idem_key, IDEMPOTENCY_FINGERPRINT_KEY.format(key=idempotency_key))
 
         self.redis.transaction(drop, *watched)
 
@@ -287,7 +325,10 @@ class StatusStore:
         self, job_id: str, change: Callable[[JobStatus, float], Optional[JobStatus]]
     ) -> Any:
         """Apply ``change`` to the stored record atomically: if another client writes the
-        record between our read and our write, the whole step runs again on the new one."""
+        record between our read and our write, the whole step runs again on the new one.
+        The new record is also published on ``events_channel(job_id)`` in the same
+        transaction: the one place every status change passes, which the HTTP API's
+        event streams subscribe to (a publish nobody listens to costs nothing)."""
         key = status_key(job_id)
 
         def step(pipe: Any) -> Optional[JobStatus]:
@@ -300,8 +341,10 @@ class StatusStore:
             new = change(JobStatus.model_validate_json(raw), now)
             if new is not None:
                 new = new.model_copy(update=dict(updated_at=now))
+                record = new.model_dump_json()
                 pipe.multi()
-                pipe.set(key, new.model_dump_json(), ex=self.ttl_s)
+                pipe.set(key, record, ex=self.ttl_s)
+                pipe.publish(events_channel(job_id), record)
             return new
 
         return self.redis.transaction(step, key, value_from_callable=True)

@@ -260,6 +260,25 @@ class Storage:
                 ExpiresIn=ttl or self.settings.presign_ttl_s,
             )
 
+    def presign_upload(
+        self, ref: S3Ref, *, max_bytes: int, content_type: Optional[str] = None,
+        ttl: Optional[int] = None,
+    ) -> dict[str, Any]:
+        """A presigned POST policy (``{"url", "fields"}``) a browser can upload one object
+        to ``ref`` with, of 1 to ``max_bytes`` bytes (S3 refuses anything else), without
+        credentials, for ``ttl`` seconds."""
+        check_key(ref.key)
+        fields: dict[str, Any] = {}
+        conditions: list[Any] = [["content-length-range", 1, max_bytes]]
+        if content_type:
+            fields["Content-Type"] = content_type
+            conditions.append({"Content-Type": content_type})
+        with _s3_errors("presign upload", ref.uri):
+            return self.client.generate_presigned_post(
+                ref.bucket, ref.key, Fields=fields, Conditions=conditions,
+                ExpiresIn=ttl or self.settings.presign_ttl_s,
+            )  # fmt: skip
+
     def ensure_buckets(self, names: list[str] | tuple[str, ...]) -> None:
         """Create the buckets that do not exist yet (needs no create permission when they do)."""
         for name in names:

@@ -1,5 +1,5 @@
 """`segq dev`, the README's first command, through its real entry point: it starts Redis,
-S3, a worker and Flower, runs the sample through all four job types, tells other shells how
+S3, a worker, Flower and the HTTP API with its page, runs the sample through all four job types, tells other shells how
 to reach the stack, and on Ctrl-C stops everything it started.
 
 Each run gets a session of its own (``start_new_session``), so "nothing left running" means
@@ -9,6 +9,7 @@ runs on the machine.
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import re
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 from tests.support.hub import FakeHub, public_repos, serving
@@ -96,6 +98,13 @@ def test_segq_dev_with_the_public_models_runs_until_ctrl_c_and_other_shells_can_
 
             export = re.search(r"^\s*(export .*)$", out, re.M).group(1)
             assert "AWS_SECRET_ACCESS_KEY=" in export and "SEGQ_REDIS_URL=" in export
+            # the HTTP API and its page, on loopback, at the printed URL
+            api = re.search(r"^HTTP API and the try-it page: (http://127\.0\.0\.1:\d+)/", out, re.M).group(1)
+            assert f"SEGQ_API_URL={api}" in export
+            with urllib.request.urlopen(f"{api}/v1/jobs/{ids['cutout']}", timeout=10) as answer:
+                assert json.load(answer)["state"] == "succeeded"
+            with urllib.request.urlopen(f"{api}/", timeout=10) as answer:
+                assert b"/static/app.js" in answer.read()
             other = subprocess.run(
                 ["bash", "-c", f"{export}; segq wait {ids['cutout']} --urls"],
                 env={**clean_env(tmp_path), "PATH": f"{SEGQ.parent}:{os.environ['PATH']}"},

@@ -113,7 +113,7 @@ def test_flower_cannot_start_without_basic_auth():
 
 def test_published_ports_listen_on_loopback_by_default():
     published = [(name, port) for name, svc in services().items() for port in svc.get("ports", [])]
-    assert {name for name, _ in published} == {"redis", "minio", "flower"}
+    assert {name for name, _ in published} == {"redis", "minio", "flower", "api"}
     for name, port in published:
         host_ip, host_port, container_port = interpolate(port, {}).split(":")
         assert host_ip == LOOPBACK, f"{name} publishes {port} beyond loopback"
@@ -188,7 +188,7 @@ def test_secrets_come_only_from_the_environment_and_the_template_lists_them():
     assert ".env" in (DOCKER / ".gitignore").read_text().split()
 
 
-@pytest.mark.parametrize("name", ["worker", "worker-cpu", "flower", "minio-init"])
+@pytest.mark.parametrize("name", ["worker", "worker-cpu", "flower", "minio-init", "api"])
 def test_segq_variables_are_real_settings_with_valid_values(name, monkeypatch):
     env = resolved_env(services()[name], PLACEHOLDER_ENV)
     settings = settings_from(env, monkeypatch)
@@ -269,7 +269,7 @@ def test_copy_sources_exist_and_are_sent_in_the_build_context():
 
 def test_installed_extras_exist_in_pyproject():
     extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
-    wanted = {"gpu": {"gpu", "flower"}, "cpu": {"cpu", "flower"}}
+    wanted = {"gpu": {"gpu", "flower"}, "cpu": {"cpu", "flower", "api"}}  # api: segq api
     for variant in VARIANTS:
         runs = " ".join(ins["value"] for ins in dockerfile(variant).structure if ins["instruction"] == "RUN")
         (installed,) = re.findall(r'pip install "\.\[([\w,]+)\]"', runs)

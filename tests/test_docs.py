@@ -35,6 +35,7 @@ import pytest
 
 from api_client.dev import sample_image
 from api_client.dev.localstack import RedisServer
+from tests.support.api import ApiProcess
 from tests.support.hub import FakeHub, public_repos, serving
 from tests.support.stack import Stack, make_stack
 
@@ -143,7 +144,14 @@ def docs_stack(docs_redis, s3_server, sam2_repo, detr_repo, tmp_path_factory, mo
 
 
 @pytest.fixture(scope="module")
-def workspace(docs_stack, docs_redis, s3_server, sam2_repo, detr_repo, tmp_path_factory) -> tuple[Path, dict[str, str]]:
+def docs_api(docs_stack, tmp_path_factory) -> Iterator[ApiProcess]:
+    """`segq api` of that stack, open on loopback, as `make demo` starts it."""
+    with ApiProcess(docs_stack.env(), tmp_path_factory.mktemp("api") / "api.log", keys=[]) as api:
+        yield api
+
+
+@pytest.fixture(scope="module")
+def workspace(docs_stack, docs_api, docs_redis, s3_server, sam2_repo, detr_repo, tmp_path_factory) -> tuple[Path, dict[str, str]]:
     """A user's folder (a photo under the names the documents use, docker/.env filled in
     for this stack) and their shell's environment: what `segq dev` tells other shells,
     and where the models are."""
@@ -160,6 +168,7 @@ def workspace(docs_stack, docs_redis, s3_server, sam2_repo, detr_repo, tmp_path_
     env.update(s3_server.env())
     env.update(
         SEGQ_REDIS_URL=docs_stack.settings.redis_url,
+        SEGQ_API_URL=docs_api.url,
         SEGQ_SAM2_DIR=str(sam2_repo),
         SEGQ_DETR_DIR=str(detr_repo),
         SEGQ_PROVIDERS='["CPUExecutionProvider"]',
@@ -187,6 +196,9 @@ def test_block_runs(block: Block, workspace) -> None:
         assert "cancelled" in out.split() and "job_not_found" in out.split(), out
     if "segq submit cutout" in block.code:
         assert '"state": "succeeded"' in out, out
+    if "/v1/jobs/$job/events" in block.code:
+        assert '"state":"succeeded"' in out and '"code":"invalid_prompt"' in out, out
+        assert (folder / "cutout.png").read_bytes().startswith(b"\x89PNG")
 
 
 @pytest.mark.long

@@ -1,19 +1,12 @@
-"""Upload events -> jobs, against real Redis (status and broker), a real HTTP endpoint
-and moto's SQS server on loopback. No worker runs: the tests read what was enqueued
-from the status store and from the Celery messages on the broker's queue lists."""
+"""Upload events -> jobs, against real Redis (status and broker) and moto's SQS server on
+loopback (the HTTP endpoint, ``POST /v1/events/s3``, is tested in test_http_api.py). No
+worker runs: the tests read what was enqueued from the status store and from the Celery
+messages on the broker's queue lists."""
 
 from __future__ import annotations
 
 import base64
 import json
-import os
-import socket
-import subprocess
-import sys
-import threading
-import time
-import urllib.error
-import urllib.request
 from typing import Any, Iterator, Optional
 from urllib.parse import unquote_plus
 
@@ -24,7 +17,6 @@ import redis
 from api_client import events
 from api_client.client import SegmentationClient
 from api_client.events import handle_event, lambda_handler
-from api_client.events.server import EventServer
 from api_client.events.sqs import SqsPoller
 from config.contract import EventRule, JobState
 from config.errors import InvalidConfig, InvalidPayload
@@ -359,69 +351,6 @@ def test_lambda_handler_takes_settings_from_the_environment(
     assert SegmentationClient(settings).status(outcome["job_id"]).state is JobState.queued
 
 
-# --- the HTTP endpoint ------------------------------------------------------------------------
-
-
-@pytest.fixture
-def event_server(client: SegmentationClient, rules: list[EventRule]) -> Iterator[EventServer]:
-    server = EventServer(("127.0.0.1", 0), client, rules, token="s3cr3t-token")
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
-
-
-def post(url: str, body: bytes, token: Optional[str]) -> tuple[int, dict[str, Any]]:
-    headers = {"Content-Type": "application/json"}
-    if token is not None:
-        headers["Authorization"] = f"Bearer {token}"
-    request = urllib.request.Request(url, data=body, headers=headers, method="POST")
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read())
-
-
-def test_http_endpoint_submits_with_the_right_token(event_server: EventServer, client: SegmentationClient) -> None:
-    body = json.dumps(minio_event("uploads/cat.jpg")).encode()
-    code, answer = post(event_server.url, body, "s3cr3t-token")
-
-    assert code == 200
-    assert [o["status"] for o in answer["outcomes"]] == ["submitted", "submitted"]
-    assert client.status(answer["outcomes"][0]["job_id"]).state is JobState.queued
-    code, again = post(event_server.url, body, "s3cr3t-token")
-    assert code == 200 and [o["status"] for o in again["outcomes"]] == ["duplicate", "duplicate"]
-
-
-@pytest.mark.parametrize("token", [None, "wrong-token", ""])
-def test_http_endpoint_refuses_a_missing_or_wrong_token(
-    event_server: EventServer, settings: Settings, token: Optional[str]
-) -> None:
-    code, answer = post(event_server.url, json.dumps(minio_event("uploads/cat.jpg")).encode(), token)
-    assert code == 401 and answer["code"] == "unauthorized"
-    assert enqueued(settings) == {}
-
-
-@pytest.mark.parametrize("body", [b"{not json", b'{"hello": "world"}', b"[1, 2]"])
-def test_http_endpoint_answers_400_to_malformed_bodies(event_server: EventServer, body: bytes) -> None:
-    code, answer = post(event_server.url, body, "s3cr3t-token")
-    assert code == 400 and answer["code"] == "invalid_payload"
-
-
-def test_http_endpoint_without_a_token_accepts_anyone(client: SegmentationClient, rules: list[EventRule]) -> None:
-    server = EventServer(("127.0.0.1", 0), client, rules)
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    try:
-        code, answer = post(server.url, json.dumps(aws_event(s3_record("clicks/a.png"))).encode(), None)
-    finally:
-        server.shutdown()
-        server.server_close()
-    assert code == 200 and answer["outcomes"][0]["status"] == "submitted"
-
-
 # --- the SQS poller ------------------------------------------------------------------------------
 
 
@@ -476,27 +405,3 @@ def test_malformed_rules_in_the_environment_are_an_invalid_config(monkeypatch: p
             events.configured()
     finally:
         get_settings.cache_clear()
-
-
-def test_segq_events_serve_command(settings: Settings, client: SegmentationClient) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "SEGQ_REDIS_URL": settings.redis_url, "SEGQ_EVENT_RULES": json.dumps(RULES[2:3]),
-           "SEGQ_EVENT_TOKEN": "cli-token"}  # fmt: skip
-    proc = subprocess.Popen([sys.executable, "-m", "api_client.cli", "events", "serve", "--port", str(port)], env=env)
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        for _ in range(200):  # until it listens (imports take a moment), or it died
-            assert proc.poll() is None, "segq events serve exited"
-            try:
-                urllib.request.urlopen(url, timeout=1).close()
-                break
-            except OSError:
-                time.sleep(0.05)
-        code, answer = post(url, json.dumps(aws_event(s3_record("clicks/cli.png"))).encode(), "cli-token")
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-    assert code == 200 and answer["outcomes"][0]["status"] == "submitted"
-    assert client.status(answer["outcomes"][0]["job_id"]).image == f"s3://{BUCKET}/clicks/cli.png"

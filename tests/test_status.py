@@ -6,14 +6,15 @@ from __future__ import annotations
 import shutil
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import pytest
 from redis.exceptions import AuthenticationError
 
 from api_client.dev.localstack import RedisServer
-from config.contract import IDEMPOTENCY_KEY, JobState, status_key
-from config.errors import InvalidTransition, JobNotFound
+from config.contract import IDEMPOTENCY_KEY, JobState, JobStatus, events_channel, status_key
+from config.errors import IdempotencyConflict, InvalidTransition, JobNotFound
 from config.status import StatusStore
 
 TTL = 600
@@ -319,3 +320,34 @@ def test_webhook_outcome_is_recorded_on_a_final_job(store: StatusStore) -> None:
     recorded = store.record_webhook("j1", {"status": 200, "attempts": 1})
     assert recorded.state is JobState.succeeded
     assert store.get("j1").webhook == {"status": 200, "attempts": 1}
+
+
+def test_the_same_key_with_another_request_is_a_conflict(store: StatusStore) -> None:
+    assert store.idempotent_create("k", "j1", "segq.segment", IMAGE, fingerprint="a" * 64) == ("j1", True)
+    assert store.idempotent_create("k", "j2", "segq.segment", IMAGE, fingerprint="a" * 64) == ("j1", False)
+    with pytest.raises(IdempotencyConflict) as err:
+        store.idempotent_create("k", "j3", "segq.segment", IMAGE, fingerprint="b" * 64)
+    assert err.value.details["job_id"] == "j1" and store.get("j3") is None
+    store.discard("j1", "k")  # never enqueued: the key and its fingerprint go together
+    assert store.idempotent_create("k", "j4", "segq.segment", IMAGE, fingerprint="b" * 64) == ("j4", True)
+
+
+def test_every_transition_is_published_on_the_jobs_channel(store: StatusStore) -> None:
+    """The HTTP API's event streams subscribe here: one publish per status change, in the
+    same transaction as the write, carrying the new record."""
+    store.create("j1", "segq.segment", IMAGE)
+    pubsub = store.redis.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe(events_channel("j1"))
+    store.start("j1", "w1")
+    store.stage("j1", "inference")
+    store.succeed("j1", {"masks": []}, {"encode_image": 0.1})
+    seen = []
+    deadline = time.monotonic() + 5
+    while len(seen) < 3 and time.monotonic() < deadline:
+        message = pubsub.get_message(timeout=1)
+        if message:
+            seen.append(JobStatus.model_validate_json(message["data"]))
+    pubsub.close()
+    assert [(s.state.value, s.stage) for s in seen] == [
+        ("running", None), ("running", "inference"), ("succeeded", None)]  # fmt: skip
+    assert seen[-1] == store.get("j1")

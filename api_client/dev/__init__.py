@@ -1,8 +1,9 @@
 """``segq dev``: the whole stack on this machine in one command.
 
-Starts Redis and an S3 server (``weed mini``) on free loopback ports, a worker and Flower
-(with basic auth), uploads a sample photo, runs all four job types on it, prints each
-status and presigned URLs of the outputs, saves the outputs under ``segq-dev-output/``,
+Starts Redis and an S3 server (``weed mini``) on free loopback ports, a worker, Flower
+(with basic auth) and the HTTP API with its try-it page (``segq api``, open on loopback),
+uploads a sample photo, runs all four job types on it, prints each status and presigned
+URLs of the outputs, saves the outputs under ``segq-dev-output/``, prints the page's URL,
 and stops everything it started on Ctrl-C.
 """
 
@@ -150,6 +151,15 @@ def run_dev(
                 env=env, stdout=flower_log, stderr=subprocess.STDOUT,
             )  # fmt: skip
         stack.callback(stop_process, flower)
+        api_port = _api_port()
+        with open(logs / "api.log", "wb") as api_log:
+            api = subprocess.Popen(
+                [sys.executable, "-m", "api_client.cli", "api", "--host", "127.0.0.1",
+                 "--port", str(api_port), "--log-level", "warning"],
+                env={**env, "SEGQ_API_KEYS": "[]"}, stdout=api_log, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        stack.callback(stop_process, api)
+        api_url = f"http://127.0.0.1:{api_port}"
 
         if not _wait_ready(worker):
             return 1
@@ -179,7 +189,14 @@ def run_dev(
                     local.write_bytes(job.output(out_name))
                     _say(f"    {out_name}: {local}\n      {url}")
         _say(f"\nFlower: http://127.0.0.1:{flower_port}  (user segq, password {flower_password})")
-        exports = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(stack_env.items()))
+        if _wait_api(api, api_url):
+            _say(f"HTTP API and the try-it page: {api_url}/  (API docs: {api_url}/docs)")
+        else:
+            failures += 1
+            _say(f"segq dev: the HTTP API did not start; see {logs / 'api.log'}")
+        exports = " ".join(
+            f"{k}={shlex.quote(v)}" for k, v in sorted({**stack_env, "SEGQ_API_URL": api_url}.items())
+        )
         _say(f"other shells reach this stack with:\n  export {exports}")
         if keep_running and failures == 0:
             _say("the stack keeps running; Ctrl-C stops everything it started")
@@ -189,6 +206,29 @@ def run_dev(
             except KeyboardInterrupt:
                 _say("\nstopping ...")
         return 1 if failures else 0
+
+
+def _api_port() -> int:
+    """8000 when it is free (the URL the README shows), else any free port."""
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", 8000))
+            return 8000
+        except OSError:
+            return free_ports(1)[0]
+
+
+def _wait_api(proc: subprocess.Popen, url: str, timeout: float = 60) -> bool:
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            with urllib.request.urlopen(f"{url}/healthz", timeout=2) as answer:
+                return answer.status == 200
+        except OSError:
+            time.sleep(0.2)
+    return False
 
 
 def _wait_ready(worker: WorkerProcess, timeout: float = 300) -> bool:

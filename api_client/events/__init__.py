@@ -18,8 +18,8 @@ versionId, else its ETag, else the event's sequencer), the task and the rule: th
 upload seen twice makes one job, while a new upload under the same key makes a new one.
 
 Entry points: ``handle_event`` (any caller), ``lambda_handler`` (AWS Lambda),
-``api_client.events.sqs`` (a long-polling SQS consumer) and ``api_client.events.server``
-(HTTP, for MinIO).
+``api_client.events.sqs`` (a long-polling SQS consumer) and ``POST /v1/events/s3`` of
+the HTTP API (``api_client.http``; for MinIO's webhook).
 """
 
 from __future__ import annotations
