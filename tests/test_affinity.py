@@ -141,6 +141,9 @@ def test_claims_route_to_live_holders_and_leave_with_eviction(redis_url: str) ->
     client.pexpire(affinity_key(request.affinity_id), 1000)
     w1.refresh()  # the heartbeat extends the claim
     assert client.pttl(affinity_key(request.affinity_id)) > 1000 and ttl > 1000
+    client.delete(affinity_key(request.affinity_id))  # lost (a Redis restart without persistence)
+    w1.refresh()
+    assert client.get(affinity_key(request.affinity_id)) == b"w1@t"
 
     # evicted from the cache: the claim goes; a claim taken over by w2 is left alone
     cache = EmbeddingCache(max_bytes=100, on_evict=w1.evicted)

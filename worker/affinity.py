@@ -33,9 +33,14 @@ log = logging.getLogger("segq.affinity")
 
 # delete / extend a key only while it still names us
 _DELETE_IF = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
-_EXTEND_IF = (
-    "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end return 0"
-)
+# extend our claim, or make it again if it is gone (expired through a Redis outage, say);
+# a claim another worker has taken meanwhile is left to it
+_EXTEND_IF = """
+local v = redis.call('get', KEYS[1])
+if v == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end
+if not v then return redis.call('set', KEYS[1], ARGV[1], 'PX', ARGV[2]) end
+return 0
+"""
 POLL_S = 0.05
 
 
@@ -93,8 +98,8 @@ class WorkerAffinity:
         self._delete_if(keys=[affinity_key(identity)], args=[self.hostname])
 
     def refresh(self) -> None:
-        """Extend every claim that still names this worker (run with each heartbeat); a
-        claim taken over by another worker meanwhile is left to it."""
+        """Extend every claim of this worker, or make it again where it is gone (run with
+        each heartbeat); a claim another worker took meanwhile is left to it."""
         with self._lock:
             identities = list(self._entries)
         if not identities:
