@@ -256,7 +256,9 @@ def test_queue_gauges_show_waiting_and_in_flight_jobs(obs, metrics_port, exporte
     control = obs.client.celery.control
     control.cancel_consumer(queue, destination=[worker], reply=True, timeout=5)
     try:
-        jobs = [obs.client.segment(photo_uri, {"point": [10 * i + 5, 20]}) for i in range(3)]
+        # an image no worker holds yet, so the jobs go to the shared queue (embedding affinity)
+        fresh = obs.upload(PHOTO, "gauges.jpg")
+        jobs = [obs.client.segment(fresh, {"point": [10 * i + 5, 20]}) for i in range(3)]
         # Take one message as a worker does (acks late): it leaves the queue and is in flight.
         with Connection(obs.settings.broker) as conn, conn.SimpleQueue(queue) as q:
             message = q.get(timeout=5)
