@@ -50,6 +50,15 @@ def queue_depths(client: redis.Redis, queues: Iterable[str]) -> dict[str, tuple[
     return {q: (int(w), in_flight[q]) for q, w in zip(queues, waiting)}
 
 
+def own_queues(client: redis.Redis) -> list[str]:
+    """Workers' own queues (embedding affinity) that hold jobs now: Redis drops an empty
+    list, so a worker's queue shows only while prompts wait for it."""
+    from config.affinity import WORKER_QUEUE_PREFIX  # config.affinity imports kombu; keep it lazy
+
+    found = client.scan_iter(match=f"{WORKER_QUEUE_PREFIX}*", count=500, _type="list")
+    return sorted({k.decode() if isinstance(k, bytes) else k for k in found})
+
+
 class QueueCollector(Collector):
     def __init__(self, broker_url: str, queues: Iterable[str]) -> None:
         self.client = redis.Redis.from_url(broker_url, socket_timeout=2, socket_connect_timeout=2)
@@ -60,7 +69,7 @@ class QueueCollector(Collector):
         flight = GaugeMetricFamily("segq_queue_in_flight", "Jobs delivered and not yet acknowledged", labels=["queue"])
         up = GaugeMetricFamily("segq_broker_up", "1 when the broker answered this scrape")
         try:
-            depths = queue_depths(self.client, self.queues)
+            depths = queue_depths(self.client, [*self.queues, *own_queues(self.client)])
         except redis.RedisError:
             up.add_metric([], 0)
             yield up

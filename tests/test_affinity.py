@@ -248,3 +248,19 @@ def test_a_worker_polls_its_own_queue_first_and_the_shared_ones_round_robin() ->
     assert cycle.consume(3) == [worker_queue("w@t"), "segq.interactive", "segq.batch"]
     cycle.rotate("segq.interactive")
     assert cycle.consume(3) == [worker_queue("w@t"), "segq.batch", "segq.interactive"]
+
+
+def test_the_queue_gauge_shows_a_workers_own_queue_while_jobs_wait_there(redis_url: str) -> None:
+    from config.queues import QueueCollector
+
+    settings = Settings(redis_url=redis_url)
+    app = Celery("gauge", config_source=celery_config(settings), set_as_current=False)
+    app.send_task("segq.segment", args=[{}], task_id="waiting", queue=worker_queue("w@t"))
+
+    def depths() -> dict[str, float]:
+        (family,) = [f for f in QueueCollector(redis_url, settings.queues).collect() if f.name == "segq_queue_depth"]
+        return {s.labels["queue"]: s.value for s in family.samples}
+
+    assert depths() == {settings.queue_interactive: 0, settings.queue_batch: 0, worker_queue("w@t"): 1}
+    redis.Redis.from_url(redis_url).delete(worker_queue("w@t"))
+    assert worker_queue("w@t") not in depths()
