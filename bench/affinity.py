@@ -58,9 +58,14 @@ def run_sessions(
     clicks: int,
     size: tuple[int, int] = (640, 480),
     timeout_s: float = 900,
+    kill_after: Optional[int] = None,
+    think_s: float = 0.0,
     log: Callable[[str], None] = lambda line: None,
 ) -> dict[str, Any]:
-    """Start ``workers`` workers for ``settings``, run the click sessions, stop them."""
+    """Start ``workers`` workers for ``settings``, run the click sessions, stop them.
+    ``kill_after``: once that many clicks have succeeded, SIGKILL the worker holding the
+    most images (a lost node) and let the sessions go on. ``think_s``: a user's pause between
+    a mask and the next click."""
     client = SegmentationClient(settings)
     pool = [
         Worker(settings, pool="threads", concurrency=1).start(wait=False) for _ in range(workers)
@@ -74,16 +79,41 @@ def run_sessions(
         ]
         sessions: list[list[JobStatus]] = [[] for _ in range(images)]
         errors: list[BaseException] = []
+        killed: dict[str, Any] = {}
+        done_count = threading.Semaphore(0)
+
+        def killer() -> None:
+            for _ in range(kill_after or 0):
+                done_count.acquire()
+            # not in step with a click: SIGKILL between kombu's BRPOP of a message and its
+            # entry in the unacknowledged hash (a millisecond) loses that message, with or
+            # without affinity (a Redis-transport limit), and a kill on a click's heels would
+            # hit that window on purpose
+            time.sleep(0.5)
+            holders = [s[-1].worker for s in sessions if s and len(s) < clicks]
+            if not holders:
+                log("  no session left to kill a holder in")
+                return
+            victim = max(set(holders), key=holders.count)
+            next(w for w in pool if w.hostname == victim).kill()
+            killed.update(worker=victim, at=time.time(), images_held=holders.count(victim),
+                          clicks_done=sum(len(s) for s in sessions))  # fmt: skip
+            log(f"  killed {victim}, holding {holders.count(victim)} of the unfinished sessions' images")
 
         def session(i: int) -> None:
             try:
                 for prompt in click_points(*size, clicks, seed=i):
+                    if sessions[i] and think_s:
+                        time.sleep(think_s)
                     sessions[i].append(client.segment(uris[i], prompt).wait(timeout=timeout_s))
+                    done_count.release()
             except BaseException as exc:  # noqa: BLE001  reported below
                 errors.append(exc)
 
         started = time.perf_counter()
         threads = [threading.Thread(target=session, args=(i,), daemon=True) for i in range(images)]
+        if kill_after:
+            threading.Thread(target=killer, daemon=True).start()
         for t in threads:
             t.start()
         for t in threads:
@@ -117,6 +147,20 @@ def run_sessions(
         "workers_used_per_image": float(np.mean([len({st.worker for st in s}) for s in sessions])),
         "wall_s": wall_s,
     }
+    if killed:
+        after = [st for st in later if st.created_at >= killed["at"]]
+        on_victim = [s for s in sessions if any(st.worker == killed["worker"] for st in s)]
+        result["kill"] = {
+            **{k: v for k, v in killed.items() if k != "at"},
+            "clicks_lost": images * clicks - len(statuses),
+            "re_encodes": misses - images,
+            "heartbeat_ttl_s": settings.worker_heartbeat_ttl_s,
+            "sessions_that_used_the_victim": len(on_victim),
+            "clicks_after_kill_latency_ms": {
+                "p50": float(np.percentile([1000 * (st.finished_at - st.created_at) for st in after], 50)),
+                "max": float(max(1000 * (st.finished_at - st.created_at) for st in after)),
+            } if after else None,
+        }  # fmt: skip
     log(f"  affinity {'on ' if settings.affinity else 'off'}: hit rate {result['cache_hit_rate_later_clicks']:.1%}, "
         f"clicks 2-{clicks} p50 {result['latency_later_clicks_ms']['p50']:.0f} ms, "
         f"p95 {result['latency_later_clicks_ms']['p95']:.0f} ms, {misses} encodes "
@@ -135,10 +179,16 @@ def bench_affinity(
     intra_op_threads: int = 1,
     size: tuple[int, int] = (640, 480),
     modes: Sequence[bool] = (True, False),
+    kill: bool = False,
+    heartbeat_ttl_s: Optional[float] = None,
+    think_s: float = 0.0,
     log: Callable[[str], None] = lambda line: None,
 ) -> dict[str, Any]:
+    """The click sessions with affinity on and off; ``kill``: a third run, on, in which the
+    worker holding the most images is SIGKILLed once 40% of the clicks have succeeded."""
     runs = {}
-    for on in modes:
+    for on, name, kill_after in [*((m, "on" if m else "off", None) for m in modes),
+                                 *([(True, "on, holder killed", max(1, images * clicks * 2 // 5))] if kill else [])]:  # fmt: skip
         redis.flush()
         settings = Settings(
             redis_url=redis.url,
@@ -153,10 +203,12 @@ def bench_affinity(
             providers=["CPUExecutionProvider"],
             intra_op_threads=intra_op_threads,
             affinity=on,
+            **({"worker_heartbeat_ttl_s": heartbeat_ttl_s} if heartbeat_ttl_s else {}),
         )
-        runs["on" if on else "off"] = run_sessions(
-            settings, workers=workers, images=images, clicks=clicks, size=size, log=log
-        )
+        runs[name] = run_sessions(
+            settings, workers=workers, images=images, clicks=clicks, size=size,
+            kill_after=kill_after, think_s=think_s, log=log,
+        )  # fmt: skip
     return {
         "workload": f"{images} images x {clicks} clicks, each user waiting for a mask before the next click, "
         f"all users at once; {workers} workers (threads, concurrency 1, "
@@ -176,6 +228,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--images", type=int, default=20)
     p.add_argument("--clicks", type=int, default=5)
     p.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads per worker")
+    p.add_argument("--kill", action="store_true", help="a third run, on, that SIGKILLs a holder mid-session")
+    p.add_argument("--modes", default="on,off", help="which of the on/off runs to make (comma-separated; '' for none)")
     p.add_argument("--out", type=Path, help="results JSON (default: bench/results/affinity-<date>.json)")
     return p
 
@@ -190,7 +244,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     with local_services() as (redis, s3):
         report = bench_affinity(
             args.models, redis, s3, workers=args.workers, images=args.images,
-            clicks=args.clicks, intra_op_threads=args.threads, log=print,
+            clicks=args.clicks, intra_op_threads=args.threads, kill=args.kill, log=print,
+            modes=[m == "on" for m in args.modes.split(",") if m in ("on", "off")],
         )  # fmt: skip
     report["machine"] = {"platform": platform.platform(), "processor": platform.processor()}
     report["date"] = datetime.now(timezone.utc).strftime("%Y-%m-%d")

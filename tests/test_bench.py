@@ -106,7 +106,10 @@ def test_the_affinity_benchmark_runs_click_sessions_on_and_off(
     for name, value in s3_server.env().items():  # as bench.queue.local_services does
         monkeypatch.setenv(name, value)
     report = bench_affinity(tmp_path, redis_server, s3_server, workers=2, images=3, clicks=3,
-                            size=(96, 64))  # fmt: skip
-    on, off = report["runs"]["on"], report["runs"]["off"]
+                            size=(96, 64), kill=True, heartbeat_ttl_s=2.0, think_s=1.0)  # fmt: skip
+    on, off, killed = report["runs"]["on"], report["runs"]["off"], report["runs"]["on, holder killed"]
     assert on["cache_hit_rate_later_clicks"] == 1.0 and on["duplicate_encodes"] == 0
-    assert on["clicks"] == off["clicks"] == 9 and off["encodes"] >= 3
+    assert on["clicks"] == off["clicks"] == killed["clicks"] == 9 and off["encodes"] >= 3
+    # every click of the killed run succeeded; each image the victim held was encoded once more
+    assert killed["kill"]["clicks_lost"] == 0
+    assert killed["kill"]["re_encodes"] == killed["kill"]["images_held"] >= 1
