@@ -158,3 +158,89 @@ def test_kombu_restores_an_unacknowledged_message_by_its_tag(redis_url: str) -> 
     restore_message(app, message.delivery_tag)
     assert client.hlen(UNACKED_HASH) == 0 and client.llen(settings.queue_batch) == 1
     connection.close()
+
+
+def test_the_sweep_sends_again_a_job_whose_message_the_broker_lost(redis_url: str) -> None:
+    """kombu takes a message off Redis (BRPOP) before it records it as unacknowledged; a
+    worker killed in between (or while Redis hands it the message) loses it: in no queue,
+    not unacknowledged, its job ``queued`` for ever. Redis pops it as the test's RPOP does.
+    The producer's ledger (``config.ledger``) lets the sweep send it again."""
+    from api_client.client import SegmentationClient
+    from config.ledger import MISSING_INDEX, SENT_INDEX, SENT_JOBS
+
+    settings = Settings(redis_url=redis_url, allowed_inputs=["s3://in/"], affinity=False)
+    client = SegmentationClient(settings)
+    app = Celery("sweep", config_source=celery_config(settings), set_as_current=False)
+    broker = redis.Redis.from_url(redis_url)
+    status = StatusStore(redis_url, ttl_s=60)
+    registry = WorkerRegistry(broker, ttl_s=0.3)
+    queue = settings.queue_interactive
+    lost = client.segment("s3://in/a.png", {"point": [1, 1]})
+    assert json.loads(broker.rpop(queue))["headers"]["id"] == lost.id  # taken by a dying worker
+    finished = client.segment("s3://in/b.png", {"point": [1, 1]})
+    broker.rpop(queue)
+    status.start(finished.id, "dead@node")
+    status.succeed(finished.id, {}, {})
+    waiting = client.segment("s3://in/c.png", {"point": [1, 1]})  # in its queue all along
+    registry.beat("alive@node", {"held": []})
+    recovery = Recovery(app, registry, status, interval_s=1)
+
+    time.sleep(0.4)
+    first = recovery.sweep()
+    assert first.resent == [] and broker.zscore(MISSING_INDEX, lost.id) is not None  # seen once
+    assert broker.hget(SENT_JOBS, finished.id) is None  # over: forgotten
+    time.sleep(0.4)
+    assert recovery.sweep().resent == [lost.id]  # still nowhere a TTL later: sent again
+    ids = [json.loads(m)["headers"]["id"] for m in broker.lrange(queue, 0, -1)]
+    assert sorted(ids) == sorted([lost.id, waiting.id])
+    assert broker.zcard(MISSING_INDEX) == 0 and broker.zscore(SENT_INDEX, lost.id) is not None
+    time.sleep(0.4)
+    assert recovery.sweep().resent == []  # in its queue now: never sent twice
+
+
+def test_the_sweep_never_resends_a_job_in_a_queue_unacknowledged_or_held(redis_url: str) -> None:
+    from api_client.client import SegmentationClient
+
+    settings = Settings(redis_url=redis_url, allowed_inputs=["s3://in/"], affinity=False)
+    client = SegmentationClient(settings)
+    app = Celery("sweep", config_source=celery_config(settings), set_as_current=False)
+    broker = redis.Redis.from_url(redis_url)
+    status = StatusStore(redis_url, ttl_s=60)
+    registry = WorkerRegistry(broker, ttl_s=0.3)
+    taken = client.segment("s3://in/a.png", {"point": [1, 1]})
+    connection, _ = deliver_without_ack(app, settings.queue_interactive, taken.id)  # unacked
+    client.segment("s3://in/b.png", {"point": [1, 1]})  # queued
+    recovery = Recovery(app, registry, status, interval_s=1)
+    for _ in range(3):
+        time.sleep(0.35)
+        registry.beat("busy@node", {"held": [taken.id]})  # a live worker runs it
+        report = recovery.sweep()
+        assert report.resent == [] and report.restored == []
+    connection.close()
+
+
+def test_kombu_restores_an_own_queue_message_without_any_binding(redis_url: str) -> None:
+    """Pin: a message sent to a worker's own queue (``send_task(queue=...)``, as the router
+    and ``MoveTo`` do) carries the anonymous exchange, so kombu's restore puts it back on
+    that queue by its routing key, not through a binding table that might be missing."""
+    settings = Settings(redis_url=redis_url)
+    app = Celery("pin", config_source=celery_config(settings), set_as_current=False)
+    own = "segq.worker.gone@node"
+    app.send_task("segq.segment", args=[{}], task_id="pin-own", queue=own)
+    connection, message = deliver_without_ack(app, own, "pin-own")
+    assert message.delivery_info["exchange"] == "" and message.delivery_info["routing_key"] == own
+    client = redis.Redis.from_url(redis_url)
+    client.delete(*client.keys("_kombu.binding*"))
+    restore_message(app, message.delivery_tag)
+    assert client.hlen(UNACKED_HASH) == 0 and client.llen(own) == 1
+    connection.close()
+
+
+def test_kombu_takes_messages_off_redis_with_brpop_before_recording_them() -> None:
+    """Pin: the gap ``config.ledger`` closes. kombu's Redis channel pops with BRPOP and
+    records the message as unacknowledged only when delivering it (``QoS.append``)."""
+    from kombu.transport.redis import Channel
+
+    assert "'BRPOP'" in inspect.getsource(Channel._brpop_start)
+    assert "_deliver" in inspect.getsource(Channel._brpop_read)
+    assert "unacked_key" in inspect.getsource(QoS.append)
