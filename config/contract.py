@@ -504,7 +504,8 @@ class JobStatus(BaseModel):
     updated_at: float
     started_at: Optional[float] = None
     finished_at: Optional[float] = None
-    attempts: int = 0
+    attempts: int = 0  # runs started: deliveries, retries and handovers together
+    handovers: int = 0  # runs that passed the job to the worker holding its image's embedding
     retrying_since: Optional[float] = None  # first transient fault of the current run of retries
     worker: Optional[str] = None
     stage: Optional[str] = None

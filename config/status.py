@@ -291,7 +291,11 @@ class StatusStore:
 
         def change(job: JobStatus, now: float) -> JobStatus:
             _require(job, "hand over", JobState.running)
-            return job.model_copy(update=dict(state=JobState.queued, stage=reason, worker=None))
+            return job.model_copy(
+                update=dict(
+                    state=JobState.queued, stage=reason, worker=None, handovers=job.handovers + 1
+                )
+            )
 
         return self._transition(job_id, change)
 

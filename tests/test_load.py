@@ -119,6 +119,7 @@ def test_two_thousand_jobs_through_two_workers(stack: Stack) -> None:
         for i, (w, h) in enumerate(SIZES)
     ]
     memory_before, keys_before = r.info("memory")["used_memory"], r.dbsize()
+    names_before = set(r.scan_iter(count=1000))
 
     run = Run()
     slots = threading.Semaphore(IN_FLIGHT)
@@ -140,7 +141,8 @@ def test_two_thousand_jobs_through_two_workers(stack: Stack) -> None:
     states = Counter(rec["state"] for rec in run.final.values())
     errors = Counter(rec["error"]["code"] for rec in run.final.values() if rec.get("error"))
     assert states == {"succeeded": JOBS}, (states, errors)
-    assert {rec["attempts"] for rec in run.final.values()} == {1}
+    # one run each, besides handovers to the worker holding the image's embedding
+    assert {rec["attempts"] - rec["handovers"] for rec in run.final.values()} == {1}
     executions = Counter(
         job_id
         for w in stack.workers
@@ -175,5 +177,10 @@ def test_two_thousand_jobs_through_two_workers(stack: Stack) -> None:
         f"{run.peak_memory / 2**20:.2f} MiB, after TTL {memory_after / 2**20:.2f} MiB; "
         f"keys: before {keys_before}, peak {run.peak_keys}, after TTL {keys_after}"
     )
-    assert keys_after <= keys_before + 5
+    # what stays is per worker and per image held (the workers' own queues' bindings, the
+    # embedding claims, refreshed while held), never per job
+    left = sorted(set(r.scan_iter(count=1000)) - names_before)
+    per_job = [k for k in left if not k.startswith((b"_kombu.binding", b"segq:affinity:"))]
+    assert len(per_job) <= 5, per_job
+    assert len(left) - len(per_job) <= 2 * len(stack.workers) + len(SIZES) + 2, left
     assert memory_after < memory_before + 2**20

@@ -74,6 +74,15 @@ def test_retry_cycle_counts_attempts(store: StatusStore) -> None:
     assert store.start("j1", "w3").attempts == 3
 
 
+def test_a_handover_is_counted_apart_from_other_attempts(store: StatusStore) -> None:
+    store.create("j1", "segq.segment", IMAGE)
+    store.start("j1", "w1")
+    moved = store.handover("j1", "moved to w2, which holds the image's embedding")
+    assert moved.state is JobState.queued and moved.worker is None and moved.handovers == 1
+    done = store.start("j1", "w2")
+    assert done.attempts == 2 and done.handovers == 1  # one run of its own, one handover
+
+
 def test_fail_keeps_code_and_details(store: StatusStore) -> None:
     store.create("j1", "segq.segment", IMAGE)
     store.start("j1", "w")
