@@ -140,13 +140,6 @@ class StatusStore:
         raw = self.redis.get(status_key(job_id))
         return None if raw is None else JobStatus.model_validate_json(raw)
 
-    def get_many(self, job_ids: list[str]) -> list[Optional[JobStatus]]:
-        """``get`` for each of ``job_ids``, in one round trip."""
-        if not job_ids:
-            return []
-        raws = self.redis.mget([status_key(j) for j in job_ids])
-        return [None if raw is None else JobStatus.model_validate_json(raw) for raw in raws]
-
     # --- creating ------------------------------------------------------------------
 
     def create(self, job_id: str, task: str, image: Optional[str]) -> JobStatus:

@@ -141,7 +141,7 @@ class Recovery:
         ids = [_text(i) for i in store.zrangebyscore(SENT_INDEX, "-inf", now - self.registry.ttl_s)]
         if not ids:
             return
-        statuses = self.status.get_many(ids)
+        statuses = [self.status.get(job_id) for job_id in ids]
         over = [job_id for job_id, st in zip(ids, statuses) if st is None or st.is_final]
         forget_sent(store, *over)
         open_ids = [job_id for job_id, st in zip(ids, statuses) if st is not None and not st.is_final]
