@@ -22,14 +22,6 @@ every worker that is not alive back onto the shared queue of each job's task, so
 routed to a worker that died before taking it is not stranded there. Each message moves in
 one transaction (never lost or doubled) and is re-addressed to the shared queue, so a later
 retry or restore of it goes there too.
-
-Last, the sweep sends again a job whose message the broker lost: kombu pops a message
-(BRPOP) before it records it as unacknowledged, so a worker killed in between (or while
-Redis hands it the message) takes it with it, and neither of the above can see it. The
-client keeps each job's message until the job ends (``config.ledger``); an unfinished job
-whose message is in no queue, not unacknowledged and not held by a live worker at two looks
-a heartbeat TTL apart goes back to its shared queue. (A message sent to a worker's own queue
-carries the anonymous exchange, so restoring one needs no binding table; pinned.)
 """
 
 from __future__ import annotations
