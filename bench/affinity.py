@@ -59,14 +59,12 @@ def run_sessions(
     size: tuple[int, int] = (640, 480),
     timeout_s: float = 900,
     kill_after: Optional[int] = None,
-    kill_delay_s: float = 0.5,
     think_s: float = 0.0,
     log: Callable[[str], None] = lambda line: None,
 ) -> dict[str, Any]:
     """Start ``workers`` workers for ``settings``, run the click sessions, stop them.
     ``kill_after``: once that many clicks have succeeded, SIGKILL the worker holding the
-    most images (a lost node) ``kill_delay_s`` later (0: in step with the next click) and let
-    the sessions go on. ``think_s``: a user's pause between
+    most images (a lost node) and let the sessions go on. ``think_s``: a user's pause between
     a mask and the next click."""
     client = SegmentationClient(settings)
     pool = [
@@ -87,18 +85,18 @@ def run_sessions(
         def killer() -> None:
             for _ in range(kill_after or 0):
                 done_count.acquire()
-            # by default not in step with a click; 0 s hits, on purpose, the window between
-            # kombu's BRPOP of the next click and its entry in the unacknowledged hash, where
-            # the broker loses the message and the recovery sweep sends it again
-            # (config.ledger)
-            time.sleep(kill_delay_s)
+            # not in step with a click: SIGKILL between kombu's BRPOP of a message and its
+            # entry in the unacknowledged hash (a millisecond) loses that message, with or
+            # without affinity (a Redis-transport limit), and a kill on a click's heels would
+            # hit that window on purpose
+            time.sleep(0.5)
             holders = [s[-1].worker for s in sessions if s and len(s) < clicks]
             if not holders:
                 log("  no session left to kill a holder in")
                 return
             victim = max(set(holders), key=holders.count)
             next(w for w in pool if w.hostname == victim).kill()
-            killed.update(worker=victim, at=time.time(), images_held=holders.count(victim), delay_s=kill_delay_s,
+            killed.update(worker=victim, at=time.time(), images_held=holders.count(victim),
                           clicks_done=sum(len(s) for s in sessions))  # fmt: skip
             log(f"  killed {victim}, holding {holders.count(victim)} of the unfinished sessions' images")
 
@@ -122,11 +120,6 @@ def run_sessions(
             t.join(timeout_s)
         wall_s = time.perf_counter() - started
     finally:
-        # the jobs the recovery sweep sent again because the broker lost their message
-        resent = sum(
-            f.read_text(errors="replace").count("whose message the broker lost")
-            for w in pool for f in Path(w._logs.name).glob("*") if f.is_file()
-        )  # fmt: skip
         for w in pool:
             w.stop()
     if errors:
@@ -160,7 +153,6 @@ def run_sessions(
         result["kill"] = {
             **{k: v for k, v in killed.items() if k != "at"},
             "clicks_lost": images * clicks - len(statuses),
-            "sweeps_that_sent_lost_clicks_again": resent,
             "re_encodes": misses - images,
             "heartbeat_ttl_s": settings.worker_heartbeat_ttl_s,
             "sessions_that_used_the_victim": len(on_victim),
@@ -188,7 +180,6 @@ def bench_affinity(
     size: tuple[int, int] = (640, 480),
     modes: Sequence[bool] = (True, False),
     kill: bool = False,
-    kill_delay_s: float = 0.5,
     heartbeat_ttl_s: Optional[float] = None,
     think_s: float = 0.0,
     log: Callable[[str], None] = lambda line: None,
@@ -216,7 +207,7 @@ def bench_affinity(
         )
         runs[name] = run_sessions(
             settings, workers=workers, images=images, clicks=clicks, size=size,
-            kill_after=kill_after, kill_delay_s=kill_delay_s, think_s=think_s, log=log,
+            kill_after=kill_after, think_s=think_s, log=log,
         )  # fmt: skip
     return {
         "workload": f"{images} images x {clicks} clicks, each user waiting for a mask before the next click, "
@@ -238,9 +229,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--clicks", type=int, default=5)
     p.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads per worker")
     p.add_argument("--kill", action="store_true", help="a third run, on, that SIGKILLs a holder mid-session")
-    p.add_argument("--kill-in-step", action="store_true",
-                   help="kill the holder right as the next click is sent (default: 0.5 s later)")
-    p.add_argument("--heartbeat-ttl", type=float, help="SEGQ_WORKER_HEARTBEAT_TTL_S (default 15)")
     p.add_argument("--modes", default="on,off", help="which of the on/off runs to make (comma-separated; '' for none)")
     p.add_argument("--out", type=Path, help="results JSON (default: bench/results/affinity-<date>.json)")
     return p
@@ -257,7 +245,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         report = bench_affinity(
             args.models, redis, s3, workers=args.workers, images=args.images,
             clicks=args.clicks, intra_op_threads=args.threads, kill=args.kill, log=print,
-            kill_delay_s=0.0 if args.kill_in_step else 0.5, heartbeat_ttl_s=args.heartbeat_ttl,
             modes=[m == "on" for m in args.modes.split(",") if m in ("on", "off")],
         )  # fmt: skip
     report["machine"] = {"platform": platform.platform(), "processor": platform.processor()}
