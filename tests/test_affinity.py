@@ -104,29 +104,6 @@ def test_a_killed_holders_queue_is_drained_and_its_image_encoded_once_more(clust
     assert client.segment(image, {"point": [50, 50]}).queue != worker_queue(holder)
 
 
-def test_a_click_lost_with_its_killed_holder_is_sent_again(cluster: Stack) -> None:
-    """The click sent to a holder killed in step with it: Redis popped the message for the
-    worker's BRPOP and the worker died before kombu recorded it as unacknowledged, so it is
-    in no queue and not unacknowledged (the test pops it as Redis did). The sweep of a live
-    worker sends it again from the producer's ledger, and another worker runs it."""
-    client = cluster.client
-    image = cluster.upload(_image(5), "lost.png")
-    holder = client.segment(image, {"point": [20, 20]}).wait(timeout=WAIT_S).worker
-    victim = next(w for w in cluster.workers if w.hostname == holder and w.proc.poll() is None)
-    victim.kill()
-    click = client.segment(image, {"point": [30, 30]})
-    assert click.queue == worker_queue(holder)  # its heartbeat has not expired yet
-    broker = redis.Redis.from_url(cluster.settings.redis_url)
-    raw = broker.rpop(worker_queue(holder))
-    assert raw is not None and json.loads(raw)["headers"]["id"] == click.id
-    assert broker.hlen("unacked") == 0
-    started = time.monotonic()
-    st = click.wait(timeout=WAIT_S)
-    print(f"lost click sent again and done on {st.worker} {time.monotonic() - started:.1f}s "
-          f"after its message vanished (heartbeat TTL {TTL_S}s)")  # fmt: skip
-    assert st.worker != holder and st.attempts == 1
-
-
 def test_affinity_off_sends_every_job_to_the_shared_queue(cluster: Stack) -> None:
     client = SegmentationClient(cluster.settings.model_copy(update={"affinity": False}))
     image = cluster.upload(_image(4), "off.png")
