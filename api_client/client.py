@@ -28,7 +28,6 @@ from celery import Celery
 
 from config.affinity import Router
 from config.celeryconfig import celery_config, task_queues
-from config.ledger import forget_sent, record_sent
 from config.contract import (
     JobState,
     JobStatus,
@@ -171,13 +170,10 @@ class SegmentationClient:
                     return Job(self, job_id, name, created=False)
             else:
                 self._status.create(job_id, name, image)
-            shared = queue = task_queues(self.settings)[name]
+            queue = task_queues(self.settings)[name]
             if self.settings.affinity:
                 queue = self._router.route(request, queue)
             try:
-                # kept until the job ends: the broker can lose a message a worker dies
-                # taking, and the recovery sweep then sends it again (config.ledger)
-                record_sent(self._status.redis, job_id, name, body, shared, now=time.time())
                 self.celery.send_task(
                     name, args=[body], task_id=job_id, queue=queue,
                     # Celery's default repr cuts nesting at depth 3, so Flower showed the
@@ -187,7 +183,6 @@ class SegmentationClient:
             except Exception:
                 # Nothing was queued: leave no "queued" record that would never move.
                 self._status.discard(job_id, idempotency_key)
-                forget_sent(self._status.redis, job_id)
                 raise
         return Job(self, job_id, name, queue=queue)
 

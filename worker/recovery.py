@@ -37,7 +37,6 @@ import redis
 from celery import Celery
 
 from config.affinity import WORKER_QUEUE_PREFIX, queue_owner
-from config.ledger import MISSING_INDEX, MISSING_SCRIPT, SENT_INDEX, forget_sent, sent_entry
 from config.queues import UNACKED_HASH, readable_broker
 from config.status import StatusStore, redis_client
 from config.workers import WorkerRegistry
@@ -46,7 +45,6 @@ log = logging.getLogger("segq.recovery")
 
 UNACKED_INDEX = "unacked_index"
 LOCK_KEY = "segq:recovery:lock"
-LOST_CHECK_KEY = "segq:recovery:lost-check"
 
 
 def held_job_ids() -> list[str]:
@@ -77,7 +75,6 @@ class SweepReport:
     dropped: list[str]  # job ids already final whose acknowledgement was lost
     held: int  # unacknowledged messages that live workers hold
     drained: dict[str, int] = field(default_factory=dict)  # dead worker's queue -> jobs moved
-    resent: list[str] = field(default_factory=list)  # job ids whose message the broker lost
 
 
 class Recovery:
@@ -117,64 +114,7 @@ class Recovery:
         report = SweepReport([], [], 0)
         self._restore_unacked(report)
         self._drain_dead_queues(report)  # after the restores, which may refill them
-        self._resend_lost(report)  # last: anything restored or drained is in a queue now
         return report
-
-    def _resend_lost(self, report: SweepReport) -> None:
-        """Send again each unfinished job whose message has been nowhere in Redis (no queue,
-        not unacknowledged, not held by a live worker) for one heartbeat TTL: the broker
-        lost it (``config.ledger``). Its first sighting only marks it; a live worker takes
-        a message off a queue and records it unacknowledged within milliseconds."""
-        store = self.status.redis
-        now = time.time()
-        # at most once a TTL across all workers: the check reads every queue
-        if not self.broker.set(LOST_CHECK_KEY, "1", nx=True, px=int(self.registry.ttl_s * 1000)):
-            return
-        ids = [_text(i) for i in store.zrangebyscore(SENT_INDEX, "-inf", now - self.registry.ttl_s)]
-        if not ids:
-            return
-        statuses = [self.status.get(job_id) for job_id in ids]
-        over = [job_id for job_id, st in zip(ids, statuses) if st is None or st.is_final]
-        forget_sent(store, *over)
-        open_ids = [job_id for job_id, st in zip(ids, statuses) if st is not None and not st.is_final]
-        held = {j for record in self.registry.all_alive().values() for j in record.get("held", [])}
-        suspects = [job_id for job_id in open_ids if job_id not in held]
-        missing = set(self._missing(suspects)) if suspects else set()
-        seen = dict(zip(suspects, store.zmscore(MISSING_INDEX, suspects))) if suspects else {}
-        found_again = [job_id for job_id in open_ids if job_id not in missing]
-        if found_again:
-            store.zrem(MISSING_INDEX, *found_again)
-        for job_id in sorted(missing):
-            first = seen.get(job_id)
-            if first is None:
-                store.zadd(MISSING_INDEX, {job_id: now}, nx=True)
-            elif now - first >= self.registry.ttl_s:
-                if self._resend(job_id):
-                    report.resent.append(job_id)
-        if report.resent:
-            log.warning("recovery: sent again %d job(s) whose message the broker lost (a worker "
-                        "died taking it): %s", len(report.resent), ", ".join(report.resent[:10]))  # fmt: skip
-
-    def _missing(self, job_ids: list[str]) -> list[str]:
-        """Which of ``job_ids`` are in no queue and not unacknowledged, in one script."""
-        routes = self.app.conf.task_routes or {}
-        queues = {self.app.conf.task_default_queue}
-        queues.update(r.get("queue") for r in routes.values() if isinstance(r, dict) and r.get("queue"))
-        own = self.broker.scan_iter(match=f"{WORKER_QUEUE_PREFIX}*", count=500, _type="list")
-        queues.update(_text(k) for k in own)
-        keys = [UNACKED_HASH, *sorted(q for q in queues if q)]
-        return [_text(i) for i in self.broker.eval(MISSING_SCRIPT, len(keys), *keys, *job_ids)]
-
-    def _resend(self, job_id: str) -> bool:
-        entry = sent_entry(self.status.redis, job_id)
-        if entry is None:
-            return False
-        self.app.send_task(entry["task"], args=[entry["body"]], task_id=job_id, queue=entry["queue"])
-        # the message exists again: count from now before calling it missing again
-        self.status.redis.pipeline().zadd(SENT_INDEX, {job_id: time.time()}).zrem(
-            MISSING_INDEX, job_id
-        ).execute()
-        return True
 
     def _drain_dead_queues(self, report: SweepReport) -> None:
         owners = {}
@@ -283,10 +223,6 @@ def _readdressed(raw: bytes, routes: dict, default: str) -> tuple[str, bytes]:
         return target, json.dumps(message).encode()
     except (ValueError, AttributeError, TypeError):
         return default, raw  # not ours to read: moved as it is
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _job_id(raw: Any) -> Optional[str]:
