@@ -32,7 +32,7 @@ import numpy as np
 from api_client.client import SegmentationClient
 from api_client.dev.localstack import RedisServer, S3Server
 from bench.pipeline import photo_jpeg
-from bench.queue import INPUT_BUCKET, OUTPUT_BUCKET, Worker, local_services
+from bench.queue import INPUT_BUCKET, Worker, local_services, local_settings
 from config.contract import JobState, JobStatus
 from config.settings import Settings
 
@@ -190,13 +190,9 @@ def bench_affinity(
     for on, name, kill_after in [*((m, "on" if m else "off", None) for m in modes),
                                  *([(True, "on, holder killed", max(1, images * clicks * 2 // 5))] if kill else [])]:  # fmt: skip
         redis.flush()
-        settings = Settings(
-            redis_url=redis.url,
-            s3_endpoint_url=s3.endpoint_url,
-            s3_region=s3.region,
-            input_bucket=INPUT_BUCKET,
-            output_bucket=OUTPUT_BUCKET,
-            output_prefix=f"bench/{uuid.uuid4().hex[:8]}/",
+        settings = local_settings(
+            redis,
+            s3,
             allowed_inputs=[f"s3://{INPUT_BUCKET}/"],
             sam2_dir=models / "sam2",
             load_models=["sam2"],

@@ -44,6 +44,20 @@ def local_services() -> Iterator[tuple[RedisServer, S3Server]]:
         yield redis, s3
 
 
+def local_settings(redis: RedisServer, s3: S3Server, **fields: Any) -> Settings:
+    """Settings for ``local_services``' Redis and S3, each run under an output prefix of
+    its own, with ``fields`` on top."""
+    return Settings(
+        redis_url=redis.url,
+        s3_endpoint_url=s3.endpoint_url,
+        s3_region=s3.region,
+        input_bucket=INPUT_BUCKET,
+        output_bucket=OUTPUT_BUCKET,
+        output_prefix=f"bench/{uuid.uuid4().hex[:8]}/",
+        **fields,
+    )
+
+
 class Worker(WorkerProcess):
     """A ``segq worker`` subprocess (``api_client.dev.processes``), its log in a folder of
     its own for the length of the run, and its resident memory."""
@@ -82,13 +96,9 @@ def bench_queue(
     """Start a worker and run ``sequential`` segment jobs one at a time (latency and queue
     overhead), then ``burst`` submitted at once (throughput). Returns medians and
     percentiles in milliseconds, jobs per second and the worker's RSS."""
-    settings = Settings(
-        redis_url=redis.url,
-        s3_endpoint_url=s3.endpoint_url,
-        s3_region=s3.region,
-        input_bucket=INPUT_BUCKET,
-        output_bucket=OUTPUT_BUCKET,
-        output_prefix=f"bench/{uuid.uuid4().hex[:8]}/",
+    settings = local_settings(
+        redis,
+        s3,
         sam2_dir=models / "sam2",
         detr_dir=models / "detr",
         providers=providers or ["CPUExecutionProvider"],
@@ -177,13 +187,9 @@ def bench_memory(
     the worker is reset (``/proc/PID/clear_refs``), so each job has its own peak; after it,
     the RSS it settles at. Returns MB: after start (models loaded and warmed up), and per
     job type the highest peak and the last steady value, with the overall peak."""
-    settings = Settings(
-        redis_url=redis.url,
-        s3_endpoint_url=s3.endpoint_url,
-        s3_region=s3.region,
-        input_bucket=INPUT_BUCKET,
-        output_bucket=OUTPUT_BUCKET,
-        output_prefix=f"bench/{uuid.uuid4().hex[:8]}/",
+    settings = local_settings(
+        redis,
+        s3,
         sam2_dir=models / "sam2",
         detr_dir=models / "detr",
         **(settings_overrides or {}),
