@@ -90,12 +90,14 @@ def bench_queue(
     intra_op_threads: int = 0,
     sequential: int = 6,
     burst: int = 8,
+    job_types: tuple[str, ...] = ("segment",),
     providers: Optional[list[str]] = None,
     log: Callable[[str], None] = lambda line: None,
 ) -> dict[str, Any]:
     """Start a worker and run ``sequential`` segment jobs one at a time (latency and queue
-    overhead), then ``burst`` submitted at once (throughput). Returns medians and
-    percentiles in milliseconds, jobs per second and the worker's RSS."""
+    overhead), then ``burst`` submitted at once (throughput), then ``sequential`` jobs of
+    each other type in ``job_types`` one at a time (the overhead per job type). Returns
+    medians and percentiles in milliseconds, jobs per second and the worker's RSS."""
     settings = local_settings(
         redis,
         s3,
@@ -129,15 +131,23 @@ def bench_queue(
             )
         jobs = [client.segment(uri, prompt) for uri in uris[sequential:]]
         batch = [job.wait(timeout=600) for job in jobs]
+        by_type = {"segment": singles}
+        for task in job_types:
+            if task == "segment":
+                continue
+            by_type[task] = []
+            for _ in range(sequential):
+                uri = client.upload(photo, f"bench/{uuid.uuid4().hex}.jpg")
+                by_type[task].append(_submit(client, task, uri, prompt).wait(timeout=600))
+                log(f"    {task}: job {len(by_type[task])}/{sequential} "
+                    f"{_job_ms(by_type[task][-1]):.0f} ms")  # fmt: skip
         rss = worker.rss_bytes()
     finally:
         worker.stop()
-    for status in singles + batch:
+    for status in batch + [s for runs in by_type.values() for s in runs]:
         if status.state != JobState.succeeded:
             raise RuntimeError(f"job {status.job_id} ended {status.state}: {status.error}")
 
-    job_ms = [_job_ms(s) for s in singles]
-    pipeline_ms = [1000 * sum(s.timings.get(k, 0.0) for k in STAGES) for s in singles]
     span = max(s.finished_at for s in batch) - min(s.created_at for s in batch)
     burst_ms = [_job_ms(s) for s in batch]
     return {
@@ -146,17 +156,8 @@ def bench_queue(
         "intra_op_threads": intra_op_threads,
         "job": "segment, default options, a fresh S3 object each",
         "ready_s": ready_s,
-        "latency_ms": {
-            "p50": float(np.percentile(job_ms, 50)),
-            "p95": float(np.percentile(job_ms, 95)),
-        },
-        "pipeline_ms": statistics.median(pipeline_ms),
-        "overhead_ms": statistics.median([j - p for j, p in zip(job_ms, pipeline_ms)]),
-        "ratio_to_pipeline": statistics.median([j / p for j, p in zip(job_ms, pipeline_ms)]),
-        "stages_ms": {
-            k: 1000 * statistics.median([s.timings.get(k, 0.0) for s in singles])
-            for k in singles[0].timings
-        },
+        **_overhead(singles),
+        "by_job": {task: _overhead(runs) for task, runs in by_type.items()},
         "burst": {
             "jobs": burst,
             "jobs_per_s": burst / span,
@@ -169,7 +170,36 @@ def bench_queue(
     }
 
 
-MEMORY_JOBS = ("segment", "panoptic", "cutout", "overlay")
+def _overhead(singles: list[Any]) -> dict[str, Any]:
+    """Latency of jobs run one at a time, and each job's time against the pipeline stages
+    the worker timed inside that same job."""
+    job_ms = [_job_ms(s) for s in singles]
+    pipeline_ms = [1000 * sum(s.timings.get(k, 0.0) for k in STAGES) for s in singles]
+    return {
+        "latency_ms": {
+            "p50": float(np.percentile(job_ms, 50)),
+            "p95": float(np.percentile(job_ms, 95)),
+        },
+        "pipeline_ms": statistics.median(pipeline_ms),
+        "overhead_ms": statistics.median([j - p for j, p in zip(job_ms, pipeline_ms)]),
+        "ratio_to_pipeline": statistics.median([j / p for j, p in zip(job_ms, pipeline_ms)]),
+        "stages_ms": {
+            k: 1000 * statistics.median([s.timings.get(k, 0.0) for s in singles])
+            for k in singles[0].timings
+        },
+    }
+
+
+JOB_TYPES = ("segment", "panoptic", "cutout", "overlay")
+
+
+def _submit(client: SegmentationClient, task: str, uri: str, prompt: dict) -> Any:
+    """One job of type ``task`` with the default options; overlay draws panoptic segments."""
+    if task == "panoptic":
+        return client.panoptic(uri)
+    if task == "overlay":
+        return client.overlay(uri)
+    return getattr(client, task)(uri, prompt)
 
 
 def bench_memory(
@@ -206,16 +236,10 @@ def bench_memory(
         assert pid is not None
         started = {"rss_mb": _rss(pid) / 2**20, "peak_mb": _peak(pid) / 2**20}
         for r in range(rounds):
-            for task in MEMORY_JOBS:
+            for task in JOB_TYPES:
                 uri = client.upload(photo, f"bench/{uuid.uuid4().hex}.jpg")
                 _reset_peak(pid)
-                if task == "panoptic":
-                    job = client.panoptic(uri)
-                elif task == "overlay":
-                    job = client.overlay(uri)  # panoptic segments, the default layers
-                else:
-                    job = getattr(client, task)(uri, prompt)
-                status = job.wait(timeout=600)
+                status = _submit(client, task, uri, prompt).wait(timeout=600)
                 if status.state != JobState.succeeded:
                     raise RuntimeError(f"{task} job ended {status.state}: {status.error}")
                 peak, steady = _peak(pid) / 2**20, _rss(pid) / 2**20

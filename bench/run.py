@@ -7,7 +7,7 @@
    as a ratio to the raw calls they wrap, measured in alternation with them;
 3. a second prompt on the same image (embedding cache hit) against the first;
 4. end to end through Celery, Redis and S3 on loopback with one worker: latency, jobs per
-   second and the ratio to the pipeline time; without ``--quick`` also the pool and thread
+   second and the ratio to the pipeline time, for each job type; without ``--quick`` also the pool and thread
    settings side by side (threads pool at concurrency 1 and 2, onnxruntime intra-op threads,
    prefork), with the worker's memory;
 5. segq against transformers' PyTorch pipelines on the same weights (``bench.vs_transformers``).
@@ -32,7 +32,7 @@ from typing import Any, Optional, Sequence
 import onnxruntime as ort
 
 from bench.pipeline import PHOTO_SIZES, bench_pipelines, photo_jpeg
-from bench.queue import bench_memory, bench_queue, local_services
+from bench.queue import JOB_TYPES, bench_memory, bench_queue, local_services
 from bench.raw_models import bench_raw, cpu_name, format_table
 from bench.vs_transformers import TORCH_PYTHON, bench_vs_transformers
 from config.settings import Settings
@@ -117,7 +117,8 @@ def run(args: argparse.Namespace, say=print) -> dict[str, Any]:
     if not args.no_queue:
         say(
             f"\n4. end to end: Celery + Redis + S3 on loopback, one worker, "
-            f"{QUEUE_PHOTO[0]}x{QUEUE_PHOTO[1]} segment jobs"
+            f"{QUEUE_PHOTO[0]}x{QUEUE_PHOTO[1]} photos: segment jobs in every setting, "
+            "each job type with the default one"
         )
         photo = photo_jpeg(*QUEUE_PHOTO)
         configs = [(base.pool, base.concurrency, base.intra_op_threads)]
@@ -136,9 +137,10 @@ def run(args: argparse.Namespace, say=print) -> dict[str, Any]:
                     providers=providers,
                     sequential=4 if args.quick else 6,
                     burst=6 if args.quick else 12,
+                    job_types=JOB_TYPES if i == 0 else ("segment",),
                     log=say,
                 )
-                for pool, concurrency, threads in configs
+                for i, (pool, concurrency, threads) in enumerate(configs)
             ]
             say(
                 f"\n4b. worker memory: both models, {MEMORY_PHOTO[0]}x{MEMORY_PHOTO[1]} jobs of "
@@ -197,6 +199,13 @@ def format_queue(runs: list[dict[str, Any]]) -> str:
             f"{r['latency_ms']['p50']:>8.0f}{r['latency_ms']['p95']:>8.0f}"
             f"{r['ratio_to_pipeline']:>9.3f}{r['burst']['jobs_per_s']:>8.2f}"
             f"{r['burst']['latency_ms']['p50']:>10.0f}{r['rss_mb']:>8.0f}"
+        )
+    lines.append(f"\n{'default worker':<15}{'p50 ms':>8}{'pipeline ms':>12}{'overhead ms':>12}"
+                 f"{'e2e/pipe':>9}")  # fmt: skip
+    for job, j in runs[0]["by_job"].items():
+        lines.append(
+            f"{job:<15}{j['latency_ms']['p50']:>8.0f}{j['pipeline_ms']:>12.0f}"
+            f"{j['overhead_ms']:>12.0f}{j['ratio_to_pipeline']:>9.3f}"
         )
     return "\n".join(lines)
 

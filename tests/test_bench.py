@@ -84,9 +84,13 @@ def test_the_queue_benchmark_runs_a_real_worker(
     (models / "sam2").symlink_to(sam2_repo)
     (models / "detr").symlink_to(detr_repo)
     photo = photo_jpeg(320, 240)
-    queue = bench_queue(models, redis_server, s3_server, photo, sequential=2, burst=2)
+    queue = bench_queue(models, redis_server, s3_server, photo, sequential=2, burst=2,
+                        job_types=("segment", "panoptic", "cutout", "overlay"))  # fmt: skip
     assert queue["burst"]["jobs_per_s"] > 0 and queue["rss_mb"] > 0
     assert queue["latency_ms"]["p50"] >= queue["pipeline_ms"] > 0
+    assert set(queue["by_job"]) == {"segment", "panoptic", "cutout", "overlay"}
+    for job in queue["by_job"].values():
+        assert job["latency_ms"]["p50"] >= job["pipeline_ms"] > 0 and job["ratio_to_pipeline"] > 1
     memory = bench_memory(models, redis_server, s3_server, photo, rounds=1)
     assert set(memory["jobs"]) == {"segment", "panoptic", "cutout", "overlay"}
     assert memory["peak_mb"] >= memory["steady_mb"] > 0

@@ -372,3 +372,109 @@ def sam2_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def detr_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_detr_repo(tmp_path_factory.mktemp("detr_repo"))
+
+
+# --- DETR with a mask head -------------------------------------------------------------
+# The shape of the public export where the memory goes: decoder states per query, logits
+# from them, and a mask head that attends each query to the image features, repeats those
+# features once per query and runs convolutions with a per-sample norm over every query.
+# The query count is baked in as torch's tracer bakes it: a Tile by [1, Q, 1, 1, 1] and a
+# Reshape to [1, Q, h, w] from Constant nodes.
+
+
+def detr_mask_head_graph(queries: int = 12, *, mix_queries: bool = False, seed: int = 0) -> onnx.GraphProto:
+    """Random weights; ``mix_queries``: the attention's softmax runs across the queries
+    (a head whose queries are not independent, which cannot be run in chunks)."""
+    rng = np.random.default_rng(seed)
+    n = helper.make_node
+    d, labels = 8, DETR_NUM_LABELS + 1
+
+    def w(*shape: int) -> np.ndarray:
+        return (rng.standard_normal(shape) / math.sqrt(np.prod(shape[1:]) or 1)).astype(np.float32)
+
+    def constant(name: str, value: list[int]) -> onnx.NodeProto:
+        return n("Constant", [], [name], value=numpy_helper.from_array(np.array(value, np.int64)))
+
+    inits = [
+        _const("backbone_w", w(d, 3, 4, 4)),
+        _const("query_embed", rng.standard_normal((1, queries, d)).astype(np.float32)),
+        _const("decoder_w", w(d, d)),
+        _const("class_w", w(d, labels) * 4),
+        _const("box_w", w(d, 4)),
+        _const("q_w", w(d, d)),
+        _const("k_w", w(d, d, 1, 1)),
+        _const("adapter_w", w(d, d, 1, 1)),
+        _const("conv1_w", w(4, d + 1, 3, 3)),
+        _const("conv1_b", w(4)),
+        _const("norm_scale", np.ones(4, np.float32)),
+        _const("norm_bias", np.zeros(4, np.float32)),
+        _const("out_w", w(1, 4, 1, 1) * 8),
+        _const("out_b", np.array([0.5], np.float32)),
+        _const("attention_gain", np.float32(400.0)),
+        _const("axis1", np.array([1], np.int64)),
+        _const("hw_index", np.array([2, 3], np.int64)),
+    ]
+    nodes = [
+        # trunk: a stride-4 "backbone", decoder states from learnt queries and the image
+        n("Conv", ["pixel_values", "backbone_w"], ["features"], strides=[4, 4]),
+        n("ReduceMean", ["features"], ["pooled"], axes=[2, 3], keepdims=0),  # opset 17
+        n("Unsqueeze", ["pooled", "axis1"], ["pooled_q"]),
+        n("Add", ["query_embed", "pooled_q"], ["states_in"]),
+        n("MatMul", ["states_in", "decoder_w"], ["states_lin"]),
+        n("Tanh", ["states_lin"], ["states"]),  # [1, Q, d]
+        n("MatMul", ["states", "class_w"], ["logits_raw"]),
+        n("ReduceMin", ["pixel_mask"], ["mask_min"], keepdims=0),
+        n("Cast", ["mask_min"], ["mask_min_f"], to=TensorProto.FLOAT),
+        n("Mul", ["logits_raw", "mask_min_f"], ["logits"]),
+        n("MatMul", ["states", "box_w"], ["boxes_raw"]),
+        n("Sigmoid", ["boxes_raw"], ["pred_boxes"]),
+        # mask head: each query's attention map over the image features
+        n("Shape", ["features"], ["features_shape"]),
+        n("Gather", ["features_shape", "hw_index"], ["hw"]),
+        n("MatMul", ["states", "q_w"], ["q"]),  # [1, Q, d]
+        n("Conv", ["features", "k_w"], ["k"]),  # [1, d, h, w]
+        constant("flat_shape", [1, d, -1]),
+        n("Reshape", ["k", "flat_shape"], ["k_flat"]),
+        n("MatMul", ["q", "k_flat"], ["scores"]),  # [1, Q, h*w]
+        n("Softmax", ["scores"], ["attention_p"], axis=1 if mix_queries else -1),
+        n("Mul", ["attention_p", "attention_gain"], ["attention"]),  # weigh in beside the features
+        constant("q_count", [queries]),
+        constant("one", [1]),
+        n("Concat", ["q_count", "one", "hw"], ["attention_shape"], axis=0),
+        n("Reshape", ["attention", "attention_shape"], ["attention_maps"]),  # [Q, 1, h, w]
+        # the image's features repeated once per query, as torch's tracer writes repeat()
+        n("Conv", ["features", "adapter_w"], ["adapted"]),
+        n("Unsqueeze", ["adapted", "axis1"], ["adapted_1"]),
+        constant("repeats", [1, queries, 1, 1, 1]),
+        n("Tile", ["adapted_1", "repeats"], ["adapted_q"]),  # [1, Q, d, h, w]
+        constant("minus_one_d", [-1, d]),
+        n("Concat", ["minus_one_d", "hw"], ["per_query_shape"], axis=0),
+        n("Reshape", ["adapted_q", "per_query_shape"], ["per_query"]),  # [Q, d, h, w]
+        n("Concat", ["per_query", "attention_maps"], ["head_in"], axis=1),
+        n("Conv", ["head_in", "conv1_w", "conv1_b"], ["conv1"], pads=[1, 1, 1, 1]),
+        n("InstanceNormalization", ["conv1", "norm_scale", "norm_bias"], ["norm1"]),
+        n("Relu", ["norm1"], ["relu1"]),
+        n("Conv", ["relu1", "out_w", "out_b"], ["masks_q"]),  # [Q, 1, h, w]
+        constant("batch_one", [1]),
+        n("Concat", ["batch_one", "q_count", "hw"], ["masks_shape"], axis=0),
+        n("Reshape", ["masks_q", "masks_shape"], ["pred_masks"]),
+    ]
+    inputs = [
+        _f32("pixel_values", ["batch_size", "num_channels", "height", "width"]),
+        helper.make_tensor_value_info("pixel_mask", TensorProto.INT64, ["batch_size", 64, 64]),
+    ]
+    outputs = [
+        _f32("logits", ["batch_size", queries, labels]),
+        _f32("pred_boxes", ["batch_size", queries, 4]),
+        _f32("pred_masks", ["batch_size", queries, "mask_height", "mask_width"]),
+    ]
+    return helper.make_graph(nodes, "detr_mask_head", inputs, outputs, inits)
+
+
+def build_detr_mask_head_repo(directory: Path, **options) -> Path:
+    """``directory`` with a ``detr_mask_head_graph`` model and the test labels."""
+    directory = Path(directory)
+    _save(detr_mask_head_graph(**options), directory / "onnx" / "model.onnx")
+    labels = {str(k): v for k, v in default_id2label().items()}
+    (directory / "config.json").write_text(json.dumps({"model_type": "detr", "id2label": labels}))
+    return directory

@@ -89,20 +89,22 @@ class ModelRegistry:
         def load() -> DetrPanopticModel:
             id2label, thing_ids = load_labels(files.config)
             return DetrPanopticModel(
-                self.session(files.model), id2label, thing_ids, name=str(files.model)
+                self.session(files.model, detr=True), id2label, thing_ids, name=str(files.model)
             )
 
         return self._remember(self._models, files, load)
 
-    def session(self, path: Path) -> "ort.InferenceSession":
-        """The session for the model file ``path`` (one per file), made on first use."""
-        from worker.inference.sessions import create_session
+    def session(self, path: Path, *, detr: bool = False) -> "ort.InferenceSession":
+        """The session for the model file ``path`` (one per file), made on first use;
+        ``detr``: a DETR-panoptic file, its mask head run in chunks of queries."""
+        from worker.inference.sessions import create_detr_session, create_session
 
         key = str(Path(path).resolve())
         with self._lock:
             session = self._sessions.get(key)
             if session is None:
-                session = self._sessions[key] = create_session(Path(path), self.settings)
+                create = create_detr_session if detr else create_session
+                session = self._sessions[key] = create(Path(path), self.settings)
         return session
 
     def load(self, names: list[str]) -> dict[str, Any]:

@@ -12,7 +12,7 @@ import re
 import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from config.errors import DependencyMissing, ModelIncompatible
 
@@ -24,6 +24,9 @@ except ImportError:  # segq installed without an extra: producers need no onnxru
         "or 'segq[gpu]' on a machine with an NVIDIA GPU (CUDA 12/13)"
     ) from None
 from config.settings import Settings
+
+if TYPE_CHECKING:
+    from worker.inference.maskhead import ChunkedDetr
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +43,37 @@ def usable_providers(wanted: Iterable[str]) -> list[str]:
 
 def create_session(path: Path, settings: Settings) -> ort.InferenceSession:
     """A session for the model file ``path`` with the providers and threads of ``settings``."""
+    source, providers = _source(Path(path), settings)
+    return _create(source, providers, settings)
+
+
+def create_detr_session(path: Path, settings: Settings) -> "ort.InferenceSession | ChunkedDetr":
+    """A session for the DETR-panoptic file ``path``: with ``settings.detr_mask_chunk``, the
+    file cut so that its mask head runs that many queries at a time (``maskhead``); a file
+    that cannot be cut is loaded whole, and the log says why."""
+    from worker.inference.maskhead import CannotChunk, load_chunked
+
+    source, providers = _source(Path(path), settings)
+    if settings.detr_mask_chunk > 0:
+        try:
+            session = load_chunked(
+                source,
+                lambda model: _create(model, providers, settings, path=source),
+                chunk=settings.detr_mask_chunk,
+            )
+            log.info(
+                "loaded %s on %s (asked for %s); its mask head runs %d queries at a time",
+                source.name, provider(session), ", ".join(providers), session.chunk,
+            )  # fmt: skip
+            return session
+        except CannotChunk as e:
+            log.warning("%s: the mask head runs whole: %s", source.name, e)
+    return _create(source, providers, settings)
+
+
+def _source(path: Path, settings: Settings) -> tuple[Path, tuple[str, ...]]:
+    """The file to load for ``path`` (its float16 copy when asked for on CUDA), and the
+    providers to load it with."""
     providers = tuple(usable_providers(settings.providers))
     fp16 = settings.fp16 and providers[0] == "CUDAExecutionProvider"
     if settings.fp16 and not fp16:
@@ -48,8 +82,7 @@ def create_session(path: Path, settings: Settings) -> ort.InferenceSession:
             Path(path).name,
             providers[0],
         )
-    source = float16_copy(Path(path)) if fp16 else Path(path)
-    return _create(source, providers, settings)
+    return (float16_copy(path) if fp16 else path), providers
 
 
 def float16_copy(path: Path, cache_dir: Optional[Path] = None) -> Path:
@@ -184,7 +217,15 @@ def _share_cpu_arena() -> None:
         _cpu_arena_registered.set()
 
 
-def _create(path: Path, providers: tuple[str, ...], settings: Settings) -> ort.InferenceSession:
+def _create(
+    model: "Path | bytes",
+    providers: tuple[str, ...],
+    settings: Settings,
+    *,
+    path: Optional[Path] = None,
+) -> ort.InferenceSession:
+    """A session for a model file, or for a serialized model made from the file ``path``."""
+    path = path or Path(model)  # type: ignore[arg-type]
     options = ort.SessionOptions()
     _share_cpu_arena()
     options.add_session_config_entry("session.use_env_allocators", "1")
@@ -198,8 +239,15 @@ def _create(path: Path, providers: tuple[str, ...], settings: Settings) -> ort.I
     # work after a model call would compete with spinning threads.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
-        session = ort.InferenceSession(str(path), sess_options=options, providers=list(providers))
+        session = ort.InferenceSession(
+            model if isinstance(model, bytes) else str(model),
+            sess_options=options,
+            providers=list(providers),
+        )
     except Exception as e:  # onnxruntime raises its own untyped errors for unreadable models
         raise load_failure(path, e) from None
-    log.info("loaded %s on %s (asked for %s)", path.name, provider(session), ", ".join(providers))
+    log.log(
+        logging.DEBUG if isinstance(model, bytes) else logging.INFO,  # a part of a cut file
+        "loaded %s on %s (asked for %s)", path.name, provider(session), ", ".join(providers),
+    )
     return session
