@@ -146,13 +146,19 @@ def run(args: argparse.Namespace, say=print) -> dict[str, Any]:
                 f"\n4b. worker memory: both models, {MEMORY_PHOTO[0]}x{MEMORY_PHOTO[1]} jobs of "
                 "every type, peak and steady RSS per job"
             )
-            report["memory"] = bench_memory(
-                args.models, redis, s3, photo_jpeg(*MEMORY_PHOTO),
-                rounds=1 if args.quick else 2, log=say,
-            )
+            # the default worker beside one that runs DETR's mask head whole (SEGQ_DETR_MASK_CHUNK=0)
+            report["memory"], report["memory_mask_head_whole"] = (
+                bench_memory(
+                    args.models, redis, s3, photo_jpeg(*MEMORY_PHOTO),
+                    rounds=1 if args.quick else 2, settings_overrides=overrides, log=say,
+                )
+                for overrides in (None, {"detr_mask_chunk": 0})
+            )  # fmt: skip
         report["queue"], report["pool_matrix"] = runs[0], runs
         say(format_queue(runs))
         say(format_memory(report["memory"]))
+        say("mask head whole (SEGQ_DETR_MASK_CHUNK=0):")
+        say(format_memory(report["memory_mask_head_whole"]))
 
     if not args.no_torch:
         say(
