@@ -175,6 +175,32 @@ def test_checkpoint_export_reproduces_the_saved_weights(tiny_models, tmp_path):
 
 
 @pytest.mark.long
+@pytest.mark.parametrize("chunk", [10, 7])
+def test_the_cut_detr_gives_the_exported_files_outputs_bit_for_bit(tiny_models, chunk):
+    """DETR's real architecture (transformers' modules, exported as the public file is): the
+    worker cuts its mask head off at the decoder's query states and runs it ``chunk``
+    queries at a time; every output equals the whole file's at several input sizes."""
+    from worker.inference.maskhead import ChunkedDetr
+    from worker.inference.sessions import create_detr_session, create_session
+
+    path = tiny_models / "detr" / "onnx" / "model.onnx"
+    settings = Settings(providers=["CPUExecutionProvider"], detr_mask_chunk=chunk)
+    cut = create_detr_session(path, settings)
+    assert isinstance(cut, ChunkedDetr), "the exported DETR could not be cut (see the log)"
+    assert len(cut.queries) == 1 and "decoder" in cut.queries[0]
+    whole = create_session(path, settings)
+    names = [o.name for o in whole.get_outputs()]
+    rng = np.random.default_rng(2)
+    for height, width in ((800, 1066), (480, 640), (1333, 750)):
+        feeds = {
+            "pixel_values": rng.standard_normal((1, 3, height, width), dtype=np.float32),
+            "pixel_mask": np.ones((1, 64, 64), np.int64),
+        }
+        for name, want, got in zip(names, whole.run(names, feeds), cut.run(names, feeds)):
+            assert want.shape == got.shape and np.array_equal(want, got), (name, height, width)
+
+
+@pytest.mark.long
 def test_worker_runs_the_exported_files(tiny_models):
     settings = Settings(
         sam2_dir=tiny_models / "sam2", detr_dir=tiny_models / "detr", offline=True,

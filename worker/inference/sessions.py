@@ -188,11 +188,11 @@ def input_shape(
 
 
 # One CPU arena for every session of the process instead of one per session: SAM 2's
-# encoder reuses the blocks DETR grew, and the first block is made large enough for DETR's
-# peak at once (its mask head holds ~2 GB over 100 queries at 800x1066; pages are resident
-# only once used), so the arena does not double past it: a third less worker memory at the
-# same speed (bench/README.md, "Memory"). The arena belongs to onnxruntime's environment,
-# so it is per process by nature (registered once).
+# encoder reuses the blocks DETR grew, and the first block is reserved large enough for any
+# model's peak at once (DETR's mask head run whole holds ~2 GB over 100 queries at 800x1066;
+# pages are resident only once used), so the arena never doubles past a peak: a third less
+# worker memory at the same speed (bench/README.md, "Memory"). The arena belongs to
+# onnxruntime's environment, so it is per process by nature (registered once).
 CPU_ARENA_INITIAL_BYTES = 2047 << 20  # onnxruntime takes an int32 here
 _cpu_arena_lock = threading.Lock()
 _cpu_arena_registered = threading.Event()
