@@ -252,7 +252,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="fewer rounds, no pool comparison, no DETR under PyTorch (~3 min)",
+        help="fewer rounds, no pool comparison, no DETR under PyTorch (~12 min on 2 cores)",
     )
     parser.add_argument("--rounds", type=int, help="pipeline rounds (default 5, quick 2)")
     parser.add_argument(
