@@ -11,6 +11,7 @@ import onnx
 import pytest
 from PIL import Image
 
+from config.errors import ModelIncompatible
 from config.settings import Settings
 from tests.support.onnx_models import build_detr_mask_head_repo
 from worker.inference.maskhead import CannotChunk, ChunkedDetr, head_nodes, load_chunked
@@ -117,6 +118,15 @@ def test_a_file_without_a_per_query_head_runs_whole(detr_repo, caplog) -> None:
         session = create_detr_session(detr_repo / "onnx" / "model.onnx", Settings())
     assert not isinstance(session, ChunkedDetr)
     assert "queries on its axis 1" in caplog.text
+
+
+def test_a_file_that_is_no_onnx_fails_as_any_model_load_does(tmp_path) -> None:
+    """The cut reads the file with onnx first; a broken file must still end in the worker's
+    ModelIncompatible (from onnxruntime's own load), not in a protobuf error."""
+    broken = tmp_path / "model.onnx"
+    broken.write_bytes(b"not a model")
+    with pytest.raises(ModelIncompatible):
+        create_detr_session(broken, Settings())
 
 
 def test_zero_runs_the_file_whole(head_repo) -> None:

@@ -51,10 +51,6 @@ class Cut:
     shared: list[str]  # head inputs computed once per image
 
 
-def _producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
-    return {out: node for node in graph.node for out in node.output if out}
-
-
 def _ancestors(graph: onnx.GraphProto, names: Iterable[str]) -> set[int]:
     """Indexes of the nodes ``names`` depend on."""
     producer = {out: i for i, node in enumerate(graph.node) for out in node.output if out}
@@ -69,11 +65,17 @@ def _ancestors(graph: onnx.GraphProto, names: Iterable[str]) -> set[int]:
         i = producer.get(name)
         if i is not None and i not in nodes:
             nodes.add(i)
-            stack.extend(graph.node[i].input)
-            for attr in graph.node[i].attribute:  # subgraphs (If/Loop) read outer names
-                for sub in _subgraphs(attr):
-                    stack.extend(_outer_names(sub))
+            stack.extend(_reads(graph.node[i]))
     return nodes
+
+
+def _reads(node: onnx.NodeProto) -> list[str]:
+    """The names ``node`` reads: its inputs, and the outer names its subgraphs (If, Loop) use."""
+    names = list(node.input)
+    for attr in node.attribute:
+        for sub in _subgraphs(attr):
+            names.extend(sorted(_outer_names(sub)))
+    return names
 
 
 def _subgraphs(attr: onnx.AttributeProto) -> list[onnx.GraphProto]:
@@ -95,11 +97,7 @@ def _inputs_of(nodes: Sequence[onnx.NodeProto], constants: set[str]) -> list[str
     made = {o for n in nodes for o in n.output}
     names: list[str] = []
     for node in nodes:
-        reads = list(node.input)
-        for attr in node.attribute:
-            for sub in _subgraphs(attr):
-                reads.extend(sorted(_outer_names(sub)))
-        for name in reads:
+        for name in _reads(node):
             if name and name not in made and name not in constants and name not in names:
                 names.append(name)
     return names
@@ -134,14 +132,18 @@ def head_nodes(model: onnx.ModelProto) -> tuple[list[int], list[str]]:
 
 
 def cut(
-    model: onnx.ModelProto, queries: Sequence[str], dtypes: dict[str, np.dtype], num_queries: int
+    model: onnx.ModelProto,
+    only_masks: Sequence[int],
+    queries: Sequence[str],
+    dtypes: dict[str, np.dtype],
+    num_queries: int,
 ) -> Cut:
-    """Split ``model`` so that the nodes depending on ``queries`` (tensors with the query
-    axis at 1) form the head and everything else the trunk; ``dtypes`` has the type of
-    each tensor that crosses the cut. ``model`` becomes the trunk (its weights are moved,
-    not copied: a worker should not hold the model three times while it loads)."""
+    """Split ``model`` so that the nodes of ``only_masks`` (``head_nodes``) depending on
+    ``queries`` (tensors with the query axis at 1) form the head and everything else the
+    trunk; ``dtypes`` has the type of each tensor that crosses the cut. ``model`` becomes
+    the trunk (its weights are moved, not copied: a worker should not hold the model three
+    times while it loads)."""
     graph = model.graph
-    only_masks, _ = head_nodes(model)
     # what carries the queries: the query tensors, and the count of queries where the
     # tracer baked it into the head (a Tile by [1, 100, 1, 1, 1], a Reshape to 100 planes)
     tainted = set(queries) | {
@@ -151,17 +153,13 @@ def cut(
     per_query: list[int] = []
     for i in only_masks:  # graph.node is in topological order
         node = graph.node[i]
-        reads = set(node.input)
-        for attr in node.attribute:
-            for sub in _subgraphs(attr):
-                reads |= _outer_names(sub)
-        if reads & tainted:
+        if tainted.intersection(_reads(node)):
             per_query.append(i)
             tainted.update(o for o in node.output if o)
     if not per_query:
         raise CannotChunk("no node of the mask head reads the per-query tensors")
     # the head's own constants go with it (one may hold the query count to be freed)
-    read = {name for i in per_query for name in graph.node[i].input}
+    read = {name for i in per_query for name in _reads(graph.node[i])}
     per_query += [i for i in only_masks if graph.node[i].op_type == "Constant"
                   and set(graph.node[i].output) & read]  # fmt: skip
     per_query = sorted(set(per_query))
@@ -181,15 +179,16 @@ def cut(
         head.graph.input.append(helper.make_tensor_value_info(name, elem, None))
     masks = next(o for o in graph.output if o.name == MASKS)  # its declared query count goes
     head.graph.output.append(helper.make_tensor_value_info(MASKS, masks.type.tensor_type.elem_type, None))
-    read = {name for node in head.graph.node for name in node.input}
+    read = {name for node in head.graph.node for name in _reads(node)}
     head.graph.initializer.extend(t for t in graph.initializer if t.name in read)
     free_query_count(head, num_queries, queries[0])
 
     trunk_outputs = [o.name for o in graph.output if o.name != MASKS]
     trunk_outputs += [n for n in head_inputs if n not in trunk_outputs]
     kept = []
+    in_head = set(per_query)
     for i, node in enumerate(graph.node):
-        if i not in set(per_query):
+        if i not in in_head:
             copy = onnx.NodeProto()
             copy.CopyFrom(node)
             kept.append(copy)
@@ -202,11 +201,7 @@ def cut(
 
 def _drop_unused(graph: onnx.GraphProto) -> None:
     """Initializers no node reads (the other part's weights)."""
-    used = {i for n in graph.node for i in n.input}
-    for n in graph.node:
-        for attr in n.attribute:
-            for sub in _subgraphs(attr):
-                used |= _outer_names(sub)
+    used = {name for n in graph.node for name in _reads(n)}
     for tensor in [t for t in graph.initializer if t.name not in used]:
         graph.initializer.remove(tensor)
     del graph.value_info[:]  # shapes of the whole model; each part infers its own
@@ -290,11 +285,7 @@ def _topological(nodes: list[onnx.NodeProto], available: set[str]) -> list[onnx.
     while pending:
         rest = []
         for node in pending:
-            reads = set(node.input)
-            for attr in node.attribute:
-                for sub in _subgraphs(attr):
-                    reads |= _outer_names(sub)
-            if reads <= ready:
+            if ready.issuperset(_reads(node)):
                 ordered.append(node)
                 ready.update(node.output)
             else:
@@ -311,8 +302,8 @@ class ChunkedDetr:
     same whichever it holds. Build it with ``load_chunked``."""
 
     def __init__(self, trunk: ort.InferenceSession, head: ort.InferenceSession, *,
-                 queries: list[str], shared: list[str], chunk: int, num_queries: int) -> None:  # fmt: skip
-        self.trunk, self.head, self.chunk, self.num_queries = trunk, head, chunk, num_queries
+                 queries: list[str], shared: list[str], chunk: int) -> None:  # fmt: skip
+        self.trunk, self.head, self.chunk = trunk, head, chunk
         self.queries, self.shared = queries, shared
         self._trunk_outputs = [o.name for o in trunk.get_outputs()]
         self._masks_output = [o for o in head.get_outputs() if o.name == MASKS]
@@ -357,7 +348,10 @@ def load_chunked(
     small probe image. ``make_session(model_bytes)`` makes a session with the worker's
     options. Raises ``CannotChunk`` when the cut is impossible or its outputs differ in any
     bit from the whole model's."""
-    model = onnx.load(str(path))
+    try:
+        model = onnx.load(str(path))
+    except Exception as e:  # noqa: BLE001  not ONNX: the whole-file load says it the usual way
+        raise CannotChunk(f"onnx cannot read the file: {str(e).splitlines()[0][:200]}") from None
     only_masks, boundary = head_nodes(model)
     # every tensor a cut may cross: what the mask head reads, and what its nodes make
     made = [o for i in only_masks for o in model.graph.node[i].output if o]
@@ -376,14 +370,14 @@ def load_chunked(
     if not queries:
         raise CannotChunk(f"no input of the mask head has {num_queries} queries on its axis 1")
     dtypes = {name: value.dtype for name, value in expected.items()}
-    parts = cut(model, queries, dtypes, num_queries)
+    parts = cut(model, only_masks, queries, dtypes, num_queries)
     del model
     try:
         trunk = make_session(parts.trunk)
         parts.trunk = b""
         head = make_session(parts.head)
         chunked = ChunkedDetr(trunk, head, queries=parts.queries, shared=parts.shared,
-                              chunk=chunk, num_queries=num_queries)  # fmt: skip
+                              chunk=chunk)  # fmt: skip
         got = dict(zip(outputs, chunked.run(outputs, feeds)))
     except Exception as e:  # noqa: BLE001  onnxruntime's untyped errors: the cut did not hold
         raise CannotChunk(f"the cut model fails on the probe: {str(e).splitlines()[0][:300]}") from None
@@ -408,13 +402,13 @@ def _give_back_freed_memory() -> None:
 
 def _probe_feeds(session: ort.InferenceSession) -> dict[str, np.ndarray]:
     """A small random image (and a pixel mask of ones) for ``session``'s inputs."""
+    from worker.inference.sessions import input_shape
+
     rng = np.random.default_rng(0)
     feeds: dict[str, np.ndarray] = {}
     for spec in session.get_inputs():
         if spec.name == "pixel_values":
             feeds[spec.name] = rng.standard_normal((1, 3, *PROBE_SIZE), dtype=np.float32)
         else:  # pixel_mask: fixed [1, 64, 64] in the public export, else the image's size
-            shape = [d if isinstance(d, int) and d > 0 else s
-                     for d, s in zip(spec.shape, (1, *PROBE_SIZE))]  # fmt: skip
-            feeds[spec.name] = np.ones(shape, np.int64)
+            feeds[spec.name] = np.ones(input_shape(session, spec.name, (1, *PROBE_SIZE)), np.int64)
     return feeds
